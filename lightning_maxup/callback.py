@@ -66,7 +66,9 @@ class MaxUp(Callback):
         self._apply(trainer, pl_module)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._apply(trainer, pl_module)
 
     @override
@@ -78,5 +80,6 @@ class MaxUp(Callback):
         saved = {k: state_dict.get(k) for k in ("warmup_epochs", "m", "selection_size")}
         if saved != self.state_dict():
             rank_zero_warn(
-                f"The MaxUp callback was saved with {saved} and resumes with {self.state_dict()}; the new settings apply"
+                f"The MaxUp callback was saved with {saved} and resumes with {self.state_dict()};"
+                " the new settings apply"
             )

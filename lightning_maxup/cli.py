@@ -1,6 +1,6 @@
-"""The ``lightning-maxup`` command: ``demo``, LightningCLI's ``fit``/``validate``/``test``/``predict``, and
-``certify``/``certify-table``.
+"""The ``lightning-maxup`` command.
 
+Subcommands: ``demo``, LightningCLI's ``fit``/``validate``/``test``/``predict``, and ``certify``/``certify-table``.
 ``lightning-maxup fit --config examples/configs/digits.yaml`` trains any LightningModule and DataModule named by
 ``class_path`` in the YAML; MaxUp's ``m``, augmentation, warm-up and selection size are set there.
 """

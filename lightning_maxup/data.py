@@ -61,9 +61,7 @@ def load_digits_split(
         if not 0 < value < 1:
             raise ValueError(f"Expected `{name}` in (0, 1), got {value!r}")
     if val_fraction + test_fraction >= 1:
-        raise ValueError(
-            f"Expected `val_fraction` + `test_fraction` < 1, got {val_fraction} + {test_fraction}"
-        )
+        raise ValueError(f"Expected `val_fraction` + `test_fraction` < 1, got {val_fraction} + {test_fraction}")
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
@@ -81,22 +79,25 @@ class DigitsDataModule(pl.LightningDataModule):
 
     Args:
         batch_size: Samples per batch.
-        seed: Seed of the split and of the training shuffle.
+        seed: Seed of the training shuffle.
         num_workers: DataLoader workers (the data is in memory; 0 is fastest).
+        split_seed: Seed of the train/validation/test split (fixed by default, so runs with different ``seed``
+            are compared on the same test set).
     """
 
-    def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0, split_seed: int = 0) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Expected `batch_size` to be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
         self.seed = seed
+        self.split_seed = split_seed
         self.num_workers = num_workers
         self.num_classes = 10
 
     def setup(self, stage: str | None = None) -> None:
         """Load and split the digits."""
-        train, val, test = load_digits_split(self.seed)
+        train, val, test = load_digits_split(self.split_seed)
         self.train_set, self.val_set, self.test_set = TensorDataset(*train), TensorDataset(*val), TensorDataset(*test)
 
     def train_dataloader(self) -> DataLoader:

@@ -42,7 +42,8 @@ def test_never_modifies_the_callers_batch(aug):
     x, y = _batch()
     x0, y0 = x.clone(), y.clone()
     out = aug((x, y), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert torch.equal(x, x0)
+    assert torch.equal(y, y0)
     assert out[0] is not x
     assert out[0].shape == x.shape
 
@@ -53,7 +54,8 @@ def test_same_seed_same_output_different_seed_different_output(aug):
     a = aug(batch, generator=torch.Generator().manual_seed(1))
     b = aug(batch, generator=torch.Generator().manual_seed(1))
     c = aug(batch, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
 
 
@@ -63,7 +65,8 @@ def test_params_replay(aug):
     params = aug.sample(batch, torch.Generator().manual_seed(5))
     direct = aug(batch, generator=torch.Generator().manual_seed(5))
     replay = aug(batch, params=params)
-    assert torch.equal(direct[0], replay[0]) and torch.equal(direct[1], replay[1])
+    assert torch.equal(direct[0], replay[0])
+    assert torch.equal(direct[1], replay[1])
 
 
 def test_rows_draw_independently():
@@ -153,7 +156,8 @@ def test_random_crop_matches_loop_reference():
     for i in range(len(x)):
         t, le = int(params["top"][i]), int(params["left"][i])
         assert torch.equal(out[i], padded[i, :, t : t + 6, le : le + 6])
-    assert params["top"].min() >= 0 and params["top"].max() <= 6
+    assert params["top"].min() >= 0
+    assert params["top"].max() <= 6
 
 
 def test_flip_matches_loop_reference_and_rate():
@@ -181,7 +185,8 @@ def test_beta_statistics():
         var = 1 / (4 * (2 * alpha + 1))
         assert abs(float(lam.mean()) - 0.5) < 5 * math.sqrt(var / 40000)
         assert abs(float(lam.var()) - var) < 0.05 * var
-        assert float(lam.min()) >= 0 and float(lam.max()) <= 1
+        assert float(lam.min()) >= 0
+        assert float(lam.max()) <= 1
 
 
 def test_keyed_draws_depend_only_on_the_row_key():
@@ -197,7 +202,9 @@ def test_keyed_draws_depend_only_on_the_row_key():
         full = draw(whole, 10)
         split = torch.cat([draw(parts[0], 4), draw(parts[1], 6)])
         assert torch.equal(full, split)
-    assert not torch.equal(uniform((10,), generator=KeyedGenerator(5, keys)), uniform((10,), generator=KeyedGenerator(6, keys)))
+    assert not torch.equal(
+        uniform((10,), generator=KeyedGenerator(5, keys)), uniform((10,), generator=KeyedGenerator(6, keys))
+    )
 
 
 def test_keyed_uniform_statistics():
@@ -228,7 +235,9 @@ def test_augmentations_accept_keyed_generators():
         pytest.param(lambda: Mixup(1.0, 0), r"Expected `num_classes` to be a positive integer, got 0", id="classes0"),
         pytest.param(lambda: RandomCrop(8, padding=-1), r"`padding`.*got -1", id="pad-neg"),
         pytest.param(lambda: RandomCrop(8, padding_mode="wrap"), r"`padding_mode`.*got 'wrap'", id="pad-mode"),
-        pytest.param(lambda: RandomHorizontalFlip(1.5), r"Expected `p` to be a probability in \[0, 1\], got 1.5", id="p"),
+        pytest.param(
+            lambda: RandomHorizontalFlip(1.5), r"Expected `p` to be a probability in \[0, 1\], got 1.5", id="p"
+        ),
         pytest.param(lambda: Compose([1]), r"Expected `augmentations\[0\]` to be callable", id="compose"),
     ],
 )

@@ -27,9 +27,7 @@ def _mlp() -> nn.Module:
 
 def _bn_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
-    )
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
 
 
 def _batch(b: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +138,8 @@ def test_selection_leaves_batchnorm_statistics_untouched(mode):
     assert int(bn.num_batches_tracked) == 1
     assert torch.equal(bn.running_mean, bn_twin.running_mean)
     assert torch.equal(bn.running_var, bn_twin.running_var)
-    assert net.training and all(mod.training for mod in net.modules())
+    assert net.training
+    assert all(mod.training for mod in net.modules())
     assert bn.track_running_stats
 
 
@@ -170,7 +169,9 @@ def test_selection_modes_differ_and_restore_model_mode():
 def test_eval_mode_selection_is_independent_of_chunking():
     net = _bn_net()
     batch = _batch(6)
-    whole = maxup_step(_loss_fn(net), batch, GaussianNoise(0.5), 4, generator=torch.Generator().manual_seed(2), model=net)
+    whole = maxup_step(
+        _loss_fn(net), batch, GaussianNoise(0.5), 4, generator=torch.Generator().manual_seed(2), model=net
+    )
     net2 = _bn_net()
     chunked = maxup_step(
         _loss_fn(net2), batch, GaussianNoise(0.5), 4,
@@ -332,4 +333,6 @@ def test_selection_context_restores_mixed_modes():
     net[1].eval()
     with selection_context(net, "eval"):
         assert not any(mod.training for mod in net.modules())
-    assert net.training and not net[1].training and net[0].training
+    assert net.training
+    assert not net[1].training
+    assert net[0].training

@@ -152,7 +152,9 @@ def test_generator_is_seeded_per_rank_and_per_step():
     model._maxup_rank = lambda: 1  # type: ignore[method-assign]
     model._maxup_draws = 0
     g0_rank1 = model.maxup_generator(torch.device("cpu")).initial_seed()
-    assert g0 == mix_seed(7, 0, 0) and g1 == mix_seed(7, 0, 1) and g0_rank1 == mix_seed(7, 1, 0)
+    assert g0 == mix_seed(7, 0, 0)
+    assert g1 == mix_seed(7, 0, 1)
+    assert g0_rank1 == mix_seed(7, 1, 0)
     assert len({g0, g1, g0_rank1}) == 3
 
 
@@ -187,7 +189,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, stop):
     first = Lit(m=3, seed=11)
     # Saving after every step makes last.ckpt a mid-epoch checkpoint when training stops mid-epoch.
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
-    trainer = _trainer(tmp_path, callbacks=[*callbacks(), ckpt], enable_checkpointing=True, **{"max_epochs": epochs, **stop})
+    trainer = _trainer(
+        tmp_path, callbacks=[*callbacks(), ckpt], enable_checkpointing=True, **{"max_epochs": epochs, **stop}
+    )
     trainer.fit(first, _loader())
 
     pl.seed_everything(123, verbose=False)  # a different global seed must not matter: the stream is in the checkpoint

@@ -108,10 +108,14 @@ class MaxUpClassifier(MaxUpMixin, pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """SGD with Nesterov momentum (or Adam) and a multi-step learning-rate schedule."""
-        hp = self.hparams
+        hp: Any = self.hparams
         if hp.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
-                self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.momentum > 0
+                self.parameters(),
+                lr=hp.lr,
+                momentum=hp.momentum,
+                weight_decay=hp.weight_decay,
+                nesterov=hp.momentum > 0,
             )
         else:
             opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
