@@ -1,0 +1,309 @@
+"""Training recipes for certified robustness, and a LightningModule that certifies in ``test_step``.
+
+The three recipes of the MaxUp paper's certified-robustness experiment (Gong et al., 2021, Sec. 4.4):
+
+* **Gaussian augmentation** (Cohen et al., 2019): :class:`~lightning_maxup.models.MaxUpClassifier` with
+  ``augment=GaussianNoise(σ)`` and ``m=1`` -- :func:`gaussian_classifier`.
+* **MaxUp + Gauss**: the same classifier with ``m > 1`` noisy copies per sample, minimising the worst one --
+  :func:`maxup_gauss_classifier`; the paper searches ``m`` in :data:`MAXUP_GAUSS_M_GRID` and ``σ`` in
+  :data:`SIGMA_GRID`.
+* **SmoothAdv** (Salman et al., NeurIPS 2019): :class:`SmoothAdvClassifier`, PGD against the smoothed soft
+  classifier with a number of noise samples per input.
+
+:class:`SmoothedCertifier` wraps any trained classifier and certifies each test batch with
+:class:`~lightning_maxup.certify.Smooth`, accumulating :class:`~lightning_maxup.certify.CertifiedAccuracy`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_maxup import random as lr
+from lightning_maxup.augment import GaussianNoise
+from lightning_maxup.certify.functional import (
+    DEFAULT_ALPHA,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_N,
+    DEFAULT_N0,
+    check_alpha,
+    check_count,
+    check_sigma,
+    smooth_adv_attack,
+)
+from lightning_maxup.certify.metric import TABLE_RADII, CertifiedAccuracy
+from lightning_maxup.certify.smoothing import Smooth
+from lightning_maxup.mixin import mix_seed
+from lightning_maxup.models import MaxUpClassifier
+
+__all__ = [
+    "MAXUP_GAUSS_M_GRID",
+    "SIGMA_GRID",
+    "SmoothAdvClassifier",
+    "SmoothedCertifier",
+    "gaussian_classifier",
+    "maxup_gauss_classifier",
+]
+
+#: σ values of Cohen et al.'s and the MaxUp paper's CIFAR-10 experiments.
+SIGMA_GRID: tuple[float, ...] = (0.12, 0.25, 0.5, 1.0)
+#: Numbers of copies the MaxUp paper searches for MaxUp + Gauss.
+MAXUP_GAUSS_M_GRID: tuple[int, ...] = (5, 25, 50, 100, 150)
+
+
+def gaussian_classifier(backbone: nn.Module, num_classes: int, sigma: float, **kwargs: Any) -> MaxUpClassifier:
+    """Cohen et al.'s recipe: train on one Gaussian-noised copy per sample (``m = 1``).
+
+    Args:
+        backbone: Network mapping inputs to logits.
+        num_classes: Number of classes.
+        sigma: Noise standard deviation, the σ the model will be certified at.
+        kwargs: Other :class:`~lightning_maxup.models.MaxUpClassifier` arguments (optimizer, lr, seed, ...).
+
+    Example:
+        >>> from lightning_maxup.models import SmallCNN
+        >>> gaussian_classifier(SmallCNN(1, 10, width=4), 10, sigma=0.25).maxup_m
+        1
+    """
+    return MaxUpClassifier(backbone, num_classes, m=1, augment=GaussianNoise(check_sigma(sigma)), **kwargs)
+
+
+def maxup_gauss_classifier(
+    backbone: nn.Module, num_classes: int, sigma: float, m: int = 5, **kwargs: Any
+) -> MaxUpClassifier:
+    """MaxUp + Gauss: minimise the worst loss over ``m`` Gaussian-noised copies per sample (Gong et al., 2021).
+
+    Example:
+        >>> from lightning_maxup.models import SmallCNN
+        >>> maxup_gauss_classifier(SmallCNN(1, 10, width=4), 10, sigma=0.25, m=25).maxup_m
+        25
+    """
+    return MaxUpClassifier(backbone, num_classes, m=m, augment=GaussianNoise(check_sigma(sigma)), **kwargs)
+
+
+class SmoothAdvClassifier(pl.LightningModule):
+    """SmoothAdv (Salman et al., NeurIPS 2019): train on PGD attacks against the smoothed soft classifier.
+
+    Each step draws ``num_noise_samples`` Gaussian noise samples per input, runs ``steps`` of ℓ2 PGD of radius
+    ``epsilon`` against the average softmax over those noisy copies (model in eval mode), and minimises the
+    cross-entropy of every noisy copy of the adversarial input. ``epsilon`` ramps up linearly over the first
+    ``warmup_epochs`` epochs, as in Salman et al.'s code. Validation and test log ``val/acc`` and ``test/acc``
+    on clean inputs, like :class:`~lightning_maxup.models.MaxUpClassifier`.
+
+    Args:
+        backbone: Network mapping inputs to ``num_classes`` logits.
+        num_classes: Number of classes.
+        sigma: Noise standard deviation.
+        epsilon: ℓ2 radius of the attack (0 trains on Gaussian noise only).
+        steps: PGD steps per training step.
+        num_noise_samples: Noise samples per input, shared by the attack and the loss.
+        warmup_epochs: Epochs over which ``epsilon`` grows linearly from ``epsilon / warmup_epochs``.
+        optimizer: ``"sgd"`` (Nesterov momentum) or ``"adam"``.
+        lr: Learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        milestones: Epochs at which the learning rate is multiplied by ``gamma``.
+        gamma: Learning-rate decay factor.
+        seed: Base seed of the noise stream (default: the global seed).
+
+    Example:
+        >>> from lightning_maxup.models import SmallCNN
+        >>> model = SmoothAdvClassifier(SmallCNN(1, 10, width=4), 10, sigma=0.25, epsilon=0.5, steps=2)
+        >>> model(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        sigma: float = 0.25,
+        epsilon: float = 0.5,
+        steps: int = 1,
+        num_noise_samples: int = 1,
+        warmup_epochs: int = 0,
+        optimizer: Literal["sgd", "adam"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_sigma(sigma)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
+            raise ValueError(f"Expected `epsilon` to be a non-negative number, got {epsilon!r}")
+        check_count(steps, "steps")
+        check_count(num_noise_samples, "num_noise_samples")
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"Expected `warmup_epochs` to be a non-negative integer, got {warmup_epochs!r}")
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"Expected `optimizer` to be 'sgd' or 'adam', got {optimizer!r}")
+        if not lr > 0:
+            raise ValueError(f"Expected `lr` to be positive, got {lr!r}")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._generator: torch.Generator | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return logits."""
+        return self.backbone(x)
+
+    def current_epsilon(self) -> float:
+        """The attack radius of the current epoch (linear warm-up over ``warmup_epochs``)."""
+        hp: Any = self.hparams
+        eps, warm = float(hp.epsilon), int(hp.warmup_epochs)
+        if warm == 0 or self._trainer is None:
+            return eps
+        return eps * min(1.0, (self.trainer.current_epoch + 1) / warm)
+
+    def _noise_generator(self) -> torch.Generator:
+        hp: Any = self.hparams
+        seed = hp.seed
+        if seed is None:
+            env = os.environ.get("PL_GLOBAL_SEED")
+            seed = int(env) if env is not None else int(torch.initial_seed())
+        if self._generator is None or self._generator.device.type != self.device.type:
+            self._generator = torch.Generator(device=self.device)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        step = self.trainer.global_step if self._trainer is not None else 0
+        # A function of (seed, rank, step) only, so a resumed run draws what the uninterrupted run drew.
+        self._generator.manual_seed(mix_seed(seed, rank, step))
+        return self._generator
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Attack the smoothed classifier, then minimise the cross-entropy of every noisy adversarial copy."""
+        hp: Any = self.hparams
+        x, y = batch[0], batch[1]
+        m, b = int(hp.num_noise_samples), int(x.shape[0])
+        noise = float(hp.sigma) * lr.normal(
+            (m, *x.shape), generator=self._noise_generator(), device=x.device, dtype=x.dtype
+        )
+        eps = self.current_epsilon()
+        if eps > 0:
+            modes = [(mod, mod.training) for mod in self.backbone.modules()]
+            self.backbone.eval()
+            try:
+                with torch.enable_grad():
+                    x = smooth_adv_attack(self.backbone, x, y, noise, eps, int(hp.steps))
+            finally:
+                for mod, training in modes:
+                    mod.training = training
+        logits = self((x[None] + noise).reshape(m * b, *x.shape[1:]))
+        loss = F.cross_entropy(logits, y.repeat(m))
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("smoothadv/epsilon", eps, batch_size=b)
+        return loss
+
+    def _evaluate(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=stage == "val", batch_size=len(y))
+        metric(logits, y)
+        self.log(f"{stage}/acc", metric, prog_bar=stage == "val", batch_size=len(y))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Log validation loss and accuracy."""
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Log test loss and accuracy."""
+        self._evaluate(batch, "test", self.test_acc)
+
+    def configure_optimizers(self) -> Any:
+        """SGD with Nesterov momentum (or Adam) and a multi-step learning-rate schedule."""
+        hp: Any = self.hparams
+        if hp.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                self.parameters(),
+                lr=hp.lr,
+                momentum=hp.momentum,
+                weight_decay=hp.weight_decay,
+                nesterov=hp.momentum > 0,
+            )
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if not hp.milestones:
+            return opt
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class SmoothedCertifier(pl.LightningModule):
+    """Certify a trained classifier in ``test_step``: Cohen et al.'s CERTIFY on each batch, then certified accuracy.
+
+    ``trainer.test(SmoothedCertifier(model, ...), dataloader)`` logs ``certified_acc@<r>`` for every radius; under
+    DDP the :class:`~lightning_maxup.certify.CertifiedAccuracy` states are summed across processes. Batches
+    ``(x, y)`` use a generator seeded from ``(seed, rank, batch index)``; batches ``(x, y, index)`` use keyed
+    noise per dataset index, so every input gets the same noise however the data is split across processes.
+
+    Args:
+        model: The base classifier (any module returning logits).
+        num_classes: Number of classes.
+        sigma: Noise standard deviation.
+        n0: Noisy samples that select the top class.
+        n: Noisy samples that bound its probability.
+        alpha: Failure probability of the certificate.
+        batch_size: Rows per forward of the base classifier.
+        radii: Radii at which certified accuracy is logged.
+        seed: Seed of the certification noise.
+
+    Example:
+        >>> cert = SmoothedCertifier(nn.Linear(4, 3), num_classes=3, sigma=0.25, n0=10, n=100, radii=[0.0, 0.25])
+        >>> cert.certified_acc.radii
+        (0.0, 0.25)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        sigma: float,
+        n0: int = DEFAULT_N0,
+        n: int = DEFAULT_N,
+        alpha: float = DEFAULT_ALPHA,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        radii: Sequence[float] = TABLE_RADII,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.smooth = Smooth(model, num_classes, sigma)
+        self.n0 = check_count(n0, "n0")
+        self.n = check_count(n, "n")
+        self.alpha = check_alpha(alpha)
+        self.certify_batch_size = check_count(batch_size, "batch_size")
+        self.seed = int(seed)
+        self.certified_acc = CertifiedAccuracy(radii)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the base classifier."""
+        return self.model(x)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Certify the batch and update the certified accuracy."""
+        x, y = batch[0], batch[1]
+        keys = batch[2] if len(batch) > 2 else None
+        generator = None
+        if keys is None:
+            generator = torch.Generator(device=x.device).manual_seed(mix_seed(self.seed, self.global_rank, batch_idx))
+        prediction, radius = self.smooth.certify_batch(
+            x, self.n0, self.n, self.alpha, self.certify_batch_size, generator=generator, keys=keys, seed=self.seed
+        )
+        self.certified_acc.update(prediction, radius, y)
+
+    def on_test_epoch_end(self) -> None:
+        """Log the certified accuracy at every radius (already reduced across processes)."""
+        self.log_dict(self.certified_acc.as_dict(), sync_dist=True)
+        self.certified_acc.reset()
