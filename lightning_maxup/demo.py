@@ -75,7 +75,7 @@ def run_one(
     test = trainer.test(model, datamodule=data, verbose=False)[0]
     # The last epochs run MaxUp; earlier ones are warm-up and cost what ERM costs.
     return DemoResult(
-        "MaxUp (m={})".format(m) if m > 1 else "ordinary augmentation",
+        f"MaxUp (m={m})" if m > 1 else "ordinary augmentation",
         seed,
         float(test["test/acc"]),
         statistics.median(timer.seconds[warmup:] if m > 1 and len(timer.seconds) > warmup else timer.seconds),
@@ -127,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         for m in (1, args.m):
             results.append(run_one(m, seed, args.epochs, args.warmup, args.batch_size, progress=not args.no_progress))
     print()
-    print(f"Digits (1,797 real 8x8 images; train 1,257 / val 270 / test 270), {args.epochs} epochs, "
-          f"MaxUp after {args.warmup} warm-up epochs, augmentation RandomCrop(pad 1) + Cutout(3)")
+    print(
+        f"Digits (1,797 real 8x8 images; train 1,257 / val 270 / test 270), {args.epochs} epochs, "
+        f"MaxUp after {args.warmup} warm-up epochs, augmentation RandomCrop(pad 1) + Cutout(3)"
+    )
     print(format_table(results))
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0

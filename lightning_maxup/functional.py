@@ -17,6 +17,7 @@ manual optimisation can use it directly; :class:`~lightning_maxup.MaxUpMixin` ca
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -158,6 +159,39 @@ def selection_context(model: nn.Module | None, mode: SelectionMode = "eval") -> 
             mod.track_running_stats = True
 
 
+# Up to this side, two small matrix products beat the direct antialiased kernel on CPU by an order of magnitude
+# (docs/benchmarks.md); above it the dense matrices waste too many FLOPs.
+_MATMUL_RESIZE_MAX_SIDE = 64
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[n_out, n_in]`` matrix of 1-D antialiased bilinear resizing, read off ``F.interpolate`` of the identity.
+
+    Resizing is linear and separable, so ``A_h @ x @ A_w.T`` equals ``F.interpolate(x, ..., antialias=True)`` up
+    to float rounding.
+    """
+    eye = torch.eye(n_in, dtype=torch.float64, device=device).view(n_in, 1, 1, n_in)
+    cols = F.interpolate(eye, size=(1, n_out), mode="bilinear", antialias=True, align_corners=False)
+    return cols.view(n_in, n_out).t().to(dtype).contiguous()
+
+
+def _resize_antialiased(x: Tensor, size: int) -> Tensor:
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if max(h, w) > _MATMUL_RESIZE_MAX_SIDE or x.dtype not in (torch.float32, torch.float64):
+        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    a_h = _resize_matrix(h, size, x.dtype, x.device)
+    a_w = a_h if w == h else _resize_matrix(w, size, x.dtype, x.device)
+    out = torch.matmul(torch.matmul(a_h, x), a_w.t())
+    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _images_to(t: Tensor, memory_format: torch.memory_format) -> Tensor:
+    return t.contiguous(memory_format=memory_format) if t.dim() == 4 and t.is_floating_point() else t
+
+
 def downsample_view(batch: Any, size: int) -> Any:
     """Return the batch with its images (the first 4-D floating tensor) resized to ``size x size``.
 
@@ -177,7 +211,7 @@ def downsample_view(batch: Any, size: int) -> Any:
                 done = True
                 if b.shape[-2:] == (size, size):
                     return b
-                return F.interpolate(b, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                return _resize_antialiased(b, size)
             return b
         if isinstance(b, dict):
             return type(b)({k: visit(v) for k, v in b.items()})
@@ -293,6 +327,9 @@ def maxup_step(
     selection_size: int | None = None,
     selection_view: Callable[[Any], Any] | None = None,
     check_finite: bool = True,
+    num_chunks: int | None = None,
+    selection_dtype: torch.dtype | None = None,
+    selection_memory_format: torch.memory_format | None = None,
 ) -> MaxUpOutput:
     """One MaxUp step: augment ``m`` copies per sample, pick each sample's worst, forward it with gradient.
 
@@ -312,6 +349,17 @@ def maxup_step(
         selection_view: Custom selection view ``view(batch) -> batch`` (e.g. a point subset); overrides
             ``selection_size``.
         check_finite: Raise if a candidate loss is NaN or infinite (costs one host sync on an accelerator).
+        num_chunks: Split the selection pass into exactly this many forwards of near-equal size (trailing ones
+            may be empty), whatever ``B`` is. Under SyncBatchNorm with ``selection_mode="train"`` every forward is
+            a collective, so all ranks must make the same number of them, even on an uneven last batch;
+            overrides ``chunk_size``.
+        selection_dtype: Run the selection forward under ``torch.autocast`` with this dtype (``torch.bfloat16``
+            or ``torch.float16``); ``None`` (default) keeps full precision. Copies whose losses differ by less than
+            the reduced precision may be ranked differently; the gradient forward is unaffected. On CPUs with
+            AVX-512 BF16/AMX, ``torch.bfloat16`` makes the selection forward several times faster (see
+            ``docs/benchmarks.md``).
+        selection_memory_format: Convert the selection view's images (4-D floating tensors) to this memory
+            format, e.g. ``torch.channels_last``, which convolutions then run in; ``None`` leaves them as they are.
 
     Returns:
         A :class:`MaxUpOutput`; back-propagate its ``loss``.
@@ -328,7 +376,18 @@ def maxup_step(
     """
     _validate_m(m)
     chunk_size = _validate_optional_positive_int(chunk_size, "chunk_size")
+    num_chunks = _validate_optional_positive_int(num_chunks, "num_chunks")
     selection_size = _validate_optional_positive_int(selection_size, "selection_size")
+    if selection_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"Expected `selection_dtype` to be torch.bfloat16, torch.float16, torch.float32 or None, got"
+            f" {selection_dtype!r}"
+        )
+    if selection_memory_format not in (None, torch.contiguous_format, torch.channels_last):
+        raise ValueError(
+            "Expected `selection_memory_format` to be torch.channels_last, torch.contiguous_format or None, got"
+            f" {selection_memory_format!r}"
+        )
     name = _name(loss_fn)
     b = batch_size(batch)
     start = time.perf_counter()
@@ -357,15 +416,37 @@ def maxup_step(
         def view(c: Any) -> Any:
             return downsample_view(c, size)
 
+    if selection_memory_format is not None:
+        inner, fmt = view, selection_memory_format
+
+        def view(c: Any) -> Any:
+            c = inner(c) if inner is not None else c
+            return _map_rows(c, batch_size(c), lambda t: _images_to(t, fmt))
+
+    amp_device: str | None = None
+    if selection_dtype not in (None, torch.float32):
+        first = _first_tensor(candidates)
+        amp_device = first.device.type if first is not None else "cpu"
+
     rows = m * b
     step = rows if chunk_size is None else chunk_size
+    if num_chunks is not None:
+        step = max(1, -(-rows // num_chunks))
+        bounds = [(min(k * step, rows), min((k + 1) * step, rows)) for k in range(num_chunks)]
+    else:
+        bounds = [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
     chunks: list[Tensor] = []
     with torch.no_grad(), selection_context(model, selection_mode):
-        for lo in range(0, rows, step):
-            chunk = candidates if step >= rows else _slice_rows(candidates, lo, min(lo + step, rows))
-            n = min(step, rows - lo)
+        for lo, hi in bounds:
+            chunk = candidates if hi - lo >= rows else _slice_rows(candidates, lo, hi)
+            n = hi - lo
             try:
-                chunk_losses = loss_fn(view(chunk) if view is not None else chunk)
+                selection_input = view(chunk) if view is not None else chunk
+                if amp_device is not None:
+                    with torch.autocast(amp_device, dtype=selection_dtype):
+                        chunk_losses = loss_fn(selection_input)
+                else:
+                    chunk_losses = loss_fn(selection_input)
             except RuntimeError as err:
                 if selection_size is not None and selection_view is None:
                     raise ValueError(

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_maxup.functional import Augment, MaxUpOutput, SelectionMode, maxup_step
+from lightning_maxup.functional import Augment, MaxUpOutput, SelectionMode, batch_size, maxup_step
 from lightning_maxup.functional import _validate_m as validate_m
 from lightning_maxup.functional import _validate_optional_positive_int as validate_optional_positive_int
+from lightning_maxup.random import Generator, KeyedGenerator
 
 __all__ = ["MaxUpMixin", "mix_seed"]
 
@@ -89,7 +90,15 @@ class MaxUpMixin:
 
     Randomness comes from a generator this mixin owns, reseeded at every step from ``(seed, global rank, step
     count)``: ranks draw differently, the same seed replays the same run, and the seed and step count are
-    saved in checkpoints, so a resumed run continues the same stream.
+    saved in checkpoints, so a resumed run continues the same stream. ``randomness="sample"`` keys every draw by
+    ``(seed, epoch, sample index, copy index)`` instead (a :class:`~lightning_maxup.random.KeyedGenerator`), so
+    a sample's augmentations do not depend on the rank, the step or the batch it lands in: with a model without
+    batch statistics, 2 ranks with batches of ``B / 2`` make the same update as 1 process with batches of ``B``.
+    It needs :meth:`maxup_sample_index`.
+
+    With ``selection_mode="train"``, ``chunk_size`` and more than one rank, every rank makes the same number of
+    selection forwards, ``ceil(m * B / chunk_size)`` for the largest batch ``B`` seen so far (the first one),
+    even on an uneven last batch: under SyncBatchNorm each of those forwards is a collective.
 
     If you override ``on_train_batch_start``, ``on_train_batch_end``, ``on_save_checkpoint`` or
     ``on_load_checkpoint``, call ``super()`` in them.
@@ -105,6 +114,8 @@ class MaxUpMixin:
         check_finite: Raise when a candidate loss is NaN or infinite.
         seed: Base seed of the augmentation stream; ``None`` takes ``seed_everything``'s seed or
             ``torch.initial_seed()`` when training starts.
+        randomness: ``"rank"`` (default) draws from a stream per ``(seed, rank, step)``; ``"sample"`` keys draws
+            by ``(seed, epoch, sample index, copy index)``, independent of the world size (see above).
         *args: Passed on to the next class (the LightningModule).
         **kwargs: Passed on to the next class (the LightningModule).
 
@@ -134,6 +145,7 @@ class MaxUpMixin:
         selection_mode: SelectionMode = "eval",
         check_finite: bool = True,
         seed: int | None = None,
+        randomness: Literal["rank", "sample"] = "rank",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -145,6 +157,8 @@ class MaxUpMixin:
             raise ValueError(f"Expected `selection_mode` to be 'eval' or 'train', got {selection_mode!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"Expected `seed` to be an integer or None, got {seed!r}")
+        if randomness not in ("rank", "sample"):
+            raise ValueError(f"Expected `randomness` to be 'rank' or 'sample', got {randomness!r}")
         #: Copies per sample; the MaxUp callback may set it.
         self.maxup_m = validate_m(m)
         #: False runs ordinary augmentation (one copy, no selection); the MaxUp callback sets it during warm-up.
@@ -156,7 +170,9 @@ class MaxUpMixin:
         self.maxup_selection_mode: SelectionMode = selection_mode
         self.maxup_check_finite = bool(check_finite)
         self.maxup_seed = seed
+        self.maxup_randomness: Literal["rank", "sample"] = randomness
         self._maxup_draws = 0
+        self._maxup_nominal_rows = 0
         self._maxup_generator: torch.Generator | None = None
         self._maxup_clock = _StepClock()
 
@@ -171,6 +187,21 @@ class MaxUpMixin:
         """
         raise NotImplementedError(f"{type(self).__name__} must implement `per_sample_loss(batch)` to use MaxUpMixin")
 
+    def maxup_sample_index(self, batch: Any) -> Tensor:
+        """Return the dataset index of every sample of ``batch`` (``LongTensor [B]``), for ``randomness="sample"``.
+
+        Wrap the dataset in :class:`~lightning_maxup.data.IndexedDataset`, which appends each item's index, and
+        return ``batch[-1]``.
+
+        Raises:
+            NotImplementedError: Subclasses using ``randomness="sample"`` must implement it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} uses `randomness`='sample' and must implement `maxup_sample_index(batch)`,"
+            " returning the dataset index of each sample: wrap the dataset in"
+            " lightning_maxup.data.IndexedDataset and return batch[-1]"
+        )
+
     # ---------------------------------------------------------------------------------------------------------------
     # The step
     # ---------------------------------------------------------------------------------------------------------------
@@ -183,14 +214,42 @@ class MaxUpMixin:
         trainer = getattr(self, "_trainer", None)
         return int(trainer.global_rank) if trainer is not None else 0
 
-    def maxup_generator(self, device: torch.device) -> torch.Generator:
-        """The generator of the next step's augmentation, reseeded from ``(seed, rank, step count)``."""
+    def _maxup_resolve_seed(self) -> int:
         if self.maxup_seed is None:
             env = os.environ.get("PL_GLOBAL_SEED")
             self.maxup_seed = int(env) if env is not None else int(torch.initial_seed())
+        return self.maxup_seed
+
+    def maxup_keyed_generator(self, batch: Any, m: int, device: torch.device) -> KeyedGenerator:
+        """The per-row stream of ``randomness="sample"``: rows keyed ``(epoch, sample index, copy index)``.
+
+        Row ``k * B + i`` of the copy-major expanded batch is copy ``k`` of sample ``i``.
+        """
+        index = torch.as_tensor(self.maxup_sample_index(batch)).to(device=device, dtype=torch.int64).flatten()
+        b = int(index.shape[0])
+        trainer = getattr(self, "_trainer", None)
+        epoch = int(trainer.current_epoch) if trainer is not None else 0
+        copy = torch.arange(m, device=device, dtype=torch.int64).repeat_interleave(b)
+        keys = torch.stack([torch.full_like(copy, epoch), index.repeat(m), copy], dim=1)
+        self._maxup_draws += 1
+        return KeyedGenerator(self._maxup_resolve_seed(), keys)
+
+    def _maxup_num_chunks(self, batch: Any, m: int) -> int | None:
+        """Selection forwards per step, equal on all ranks, where SyncBatchNorm makes each one a collective."""
+        trainer = getattr(self, "_trainer", None)
+        if self.maxup_selection_mode != "train" or self.maxup_chunk_size is None or m == 1 or trainer is None:
+            return None
+        if int(getattr(trainer, "world_size", 1)) <= 1:
+            return None
+        self._maxup_nominal_rows = max(self._maxup_nominal_rows, batch_size(batch))
+        return -(-m * self._maxup_nominal_rows // self.maxup_chunk_size)
+
+    def maxup_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of the next step's augmentation, reseeded from ``(seed, rank, step count)``."""
+        seed = self._maxup_resolve_seed()
         if self._maxup_generator is None or self._maxup_generator.device.type != device.type:
             self._maxup_generator = torch.Generator(device=device)
-        self._maxup_generator.manual_seed(mix_seed(self.maxup_seed, self._maxup_rank(), self._maxup_draws))
+        self._maxup_generator.manual_seed(mix_seed(seed, self._maxup_rank(), self._maxup_draws))
         self._maxup_draws += 1
         return self._maxup_generator
 
@@ -201,18 +260,25 @@ class MaxUpMixin:
         ``training_step``, which returns ``self.maxup_step(batch).loss``.
         """
         device = self.device  # type: ignore[attr-defined]
+        m = self.maxup_active_m
+        generator: Generator
+        if self.maxup_randomness == "sample":
+            generator = self.maxup_keyed_generator(batch, m, device)
+        else:
+            generator = self.maxup_generator(device)
         out = maxup_step(
             self.per_sample_loss,
             batch,
             self.maxup_augment,
-            self.maxup_active_m,
-            generator=self.maxup_generator(device),
+            m,
+            generator=generator,
             model=self,  # type: ignore[arg-type]
             selection_mode=self.maxup_selection_mode,
             chunk_size=self.maxup_chunk_size,
             selection_size=self.maxup_selection_size,
             selection_view=self.maxup_selection_view,
             check_finite=self.maxup_check_finite,
+            num_chunks=self._maxup_num_chunks(batch, m),
         )
         self._maxup_clock.selection_done(out.selection_seconds)
         b = int(out.losses.shape[0])
@@ -258,7 +324,11 @@ class MaxUpMixin:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the augmentation stream's seed and position."""
-        checkpoint[_CHECKPOINT_KEY] = {"seed": self.maxup_seed, "draws": self._maxup_draws}
+        checkpoint[_CHECKPOINT_KEY] = {
+            "seed": self.maxup_seed,
+            "draws": self._maxup_draws,
+            "nominal_rows": self._maxup_nominal_rows,
+        }
         parent = getattr(super(), "on_save_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
@@ -269,6 +339,7 @@ class MaxUpMixin:
         if state is not None:
             self.maxup_seed = state["seed"]
             self._maxup_draws = int(state["draws"])
+            self._maxup_nominal_rows = int(state.get("nominal_rows", 0))
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)

@@ -194,7 +194,9 @@ def _gamma(
     u = uniform((n, rounds), generator=generator, device=device, dtype=torch.float64)
     v = (1.0 + c * x) ** 3
     ok = (v > 0) & (torch.log(u) < 0.5 * x**2 + d - d * v + d * torch.log(v.clamp_min(1e-300)))
-    first = torch.where(ok.any(dim=1), ok.to(torch.int8).argmax(dim=1), torch.full_like(ok[:, 0], rounds - 1, dtype=torch.int64))
+    first = torch.where(
+        ok.any(dim=1), ok.to(torch.int8).argmax(dim=1), torch.full_like(ok[:, 0], rounds - 1, dtype=torch.int64)
+    )
     g = (d * v.clamp_min(1e-300)).gather(1, first[:, None]).squeeze(1)
     if boost:
         ub = uniform((n,), generator=generator, device=device, dtype=torch.float64)

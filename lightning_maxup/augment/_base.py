@@ -27,8 +27,7 @@ def split_inputs(batch: Any) -> tuple[Tensor, Tensor | None]:
         y = batch[1] if len(batch) >= 2 and isinstance(batch[1], Tensor) else None
         return batch[0], y
     raise TypeError(
-        "Built-in augmentations take a tensor `x` or a tuple `(x, y, ...)` of tensors,"
-        f" got {type(batch).__name__}"
+        f"Built-in augmentations take a tensor `x` or a tuple `(x, y, ...)` of tensors, got {type(batch).__name__}"
     )
 
 
@@ -108,4 +107,3 @@ class Compose(Augmentation):
         for a in self.augmentations:
             batch = a(batch, generator=generator)
         return batch
-

@@ -304,11 +304,12 @@ class RandomCrop(Augmentation):
         p = self.padding
         xp = F.pad(x, (p, p, p, p), mode=self.padding_mode) if p else x
         ch, cw = self.size
-        rows = params["top"][:, None] + torch.arange(ch, device=x.device)  # [N, ch]
-        cols = params["left"][:, None] + torch.arange(cw, device=x.device)  # [N, cw]
-        n = torch.arange(x.shape[0], device=x.device)[:, None, None]
-        out = xp.permute(0, 2, 3, 1)[n, rows[:, :, None], cols[:, None, :]]  # [N, ch, cw, C]
-        return replace_inputs(batch, out.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x)))
+        # A view of every ch x cw window, [N, C, top, left, ch, cw]; indexing one (top, left) per row copies whole
+        # windows, several times faster on CPU than gathering pixel by pixel (docs/benchmarks.md).
+        windows = xp.unfold(2, ch, 1).unfold(3, cw, 1)
+        n = torch.arange(x.shape[0], device=x.device)
+        out = windows[n, :, params["top"], params["left"]]  # [N, C, ch, cw]
+        return replace_inputs(batch, out.contiguous(memory_format=_memory_format(x)))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

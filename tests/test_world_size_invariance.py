@@ -1,0 +1,122 @@
+"""``randomness="sample"``: augmentation draws keyed by (seed, epoch, sample index, copy index).
+
+With it, and a model without batch statistics, 2 ranks with batches of B/2 make the same parameter update as
+1 process with batches of B: a ``DistributedSampler(shuffle=False)`` (the test module's own; Lightning's default
+one shuffles) deals sample ``2j + r`` to rank ``r``, so the two ranks' batches together are the single process's
+batch, each sample gets the same copies, the same worst copy and the same gradient, and DDP's gradient average
+equals the big batch's mean.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.strategies import DDPStrategy
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+
+from ddp_common import CollectiveRecorder, LitDDP, max_param_diff, read_ranks  # noqa: E402
+
+from lightning_maxup import MaxUpMixin  # noqa: E402
+from lightning_maxup.augment import GaussianNoise  # noqa: E402
+from lightning_maxup.data import IndexedDataset  # noqa: E402
+
+
+class _Lit(MaxUpMixin, pl.LightningModule):
+    def __init__(self, **maxup: Any) -> None:
+        super().__init__(**maxup)
+        self.net = nn.Linear(4, 3)
+
+    def per_sample_loss(self, batch: Any) -> Tensor:
+        return F.cross_entropy(self.net(batch[0]), batch[1], reduction="none")
+
+
+def test_indexed_dataset_appends_index() -> None:
+    ds = IndexedDataset(TensorDataset(torch.arange(5.0), torch.arange(5) * 10))
+    assert len(ds) == 5
+    x, y, i = ds[3]
+    assert (float(x), int(y), i) == (3.0, 30, 3)
+    assert IndexedDataset([7, 8])[1] == (8, 1)
+    with pytest.raises(TypeError, match="Expected `dataset` to be a map-style dataset"):
+        IndexedDataset(3)
+
+
+def test_sample_randomness_needs_sample_index() -> None:
+    model = _Lit(m=2, augment=GaussianNoise(0.1), randomness="sample")
+    with pytest.raises(NotImplementedError, match="must implement `maxup_sample_index"):
+        model.maxup_step((torch.randn(4, 4), torch.zeros(4, dtype=torch.long)))
+
+
+def test_randomness_validated() -> None:
+    with pytest.raises(ValueError, match="Expected `randomness` to be 'rank' or 'sample', got 'step'"):
+        _Lit(randomness="step")
+
+
+def test_keyed_draws_follow_the_sample_not_the_batch() -> None:
+    """A sample's m copies get the same noise whichever batch, position or batch size it comes in."""
+    model = _Lit(m=3, seed=5, randomness="sample")
+    model.maxup_sample_index = lambda batch: batch[-1]  # type: ignore[method-assign]
+    noise = GaussianNoise(1.0)
+    x = torch.zeros(6, 4)
+
+    def draws(index: list[int]) -> Tensor:
+        idx = torch.tensor(index)
+        g = model.maxup_keyed_generator((x[: len(index)], idx), 3, torch.device("cpu"))
+        return noise.sample(x[: len(index)].repeat(3, 1), g)["noise"].view(3, len(index), 4)
+
+    whole = draws([0, 1, 2, 3, 4, 5])
+    part = draws([4, 1])
+    torch.testing.assert_close(part[:, 0], whole[:, 4], rtol=0, atol=0)
+    torch.testing.assert_close(part[:, 1], whole[:, 1], rtol=0, atol=0)
+    assert not torch.equal(whole[0, 1], whole[1, 1]), "copies of a sample must differ"
+
+
+@pytest.fixture
+def file_system_sharing():
+    previous = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    yield
+    torch.multiprocessing.set_sharing_strategy(previous)
+
+
+def _fit(out: Path, devices: int, batch_size: int) -> dict[str, Any]:
+    model = LitDDP(norm="none", n=32, batch_size=batch_size, indexed=True, m=4, seed=11, randomness="sample", lr=0.2)
+    strategy: Any = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)) if devices > 1 else "auto"
+    pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=2,
+        callbacks=[CollectiveRecorder(str(out))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model)
+    ranks = read_ranks(out, devices)
+    for r in ranks[1:]:
+        assert max_param_diff(ranks[0], r) == 0.0
+    return ranks[0]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("file_system_sharing")
+def test_two_ranks_half_batch_match_one_process_full_batch(tmp_path: Path) -> None:
+    single = _fit(tmp_path / "single", devices=1, batch_size=8)
+    double = _fit(tmp_path / "ddp", devices=2, batch_size=4)
+    assert len(single["steps"]) == len(double["steps"]) == 2 * 32 // 8
+    assert all(s["m"] == 4 for s in single["steps"])
+    initial = {"params": [p.detach().double().flatten().tolist() for p in LitDDP(norm="none").parameters()]}
+    moved = max_param_diff(single, initial)
+    assert moved > 1e-3, "training should move the parameters"
+    diff = max_param_diff(single, double)
+    assert diff < 1e-5, f"1 process x B=8 and 2 ranks x B=4 differ by up to {diff:.3g} (training moved {moved:.3g})"
