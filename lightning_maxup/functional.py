@@ -298,6 +298,18 @@ def _validate_optional_positive_int(value: Any, name: str) -> int | None:
     return value
 
 
+def _validate_selection_precision(dtype: Any, memory_format: Any) -> None:
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"Expected `selection_dtype` to be torch.bfloat16, torch.float16, torch.float32 or None, got {dtype!r}"
+        )
+    if memory_format not in (None, torch.contiguous_format, torch.channels_last):
+        raise ValueError(
+            "Expected `selection_memory_format` to be torch.channels_last, torch.contiguous_format or None, got"
+            f" {memory_format!r}"
+        )
+
+
 def select_worst(candidate_losses: Tensor, batch_rows: int) -> tuple[Tensor, Tensor]:
     """Per-sample arg-max over copies of copy-major losses ``[m * B]``.
 
@@ -378,16 +390,7 @@ def maxup_step(
     chunk_size = _validate_optional_positive_int(chunk_size, "chunk_size")
     num_chunks = _validate_optional_positive_int(num_chunks, "num_chunks")
     selection_size = _validate_optional_positive_int(selection_size, "selection_size")
-    if selection_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(
-            f"Expected `selection_dtype` to be torch.bfloat16, torch.float16, torch.float32 or None, got"
-            f" {selection_dtype!r}"
-        )
-    if selection_memory_format not in (None, torch.contiguous_format, torch.channels_last):
-        raise ValueError(
-            "Expected `selection_memory_format` to be torch.channels_last, torch.contiguous_format or None, got"
-            f" {selection_memory_format!r}"
-        )
+    _validate_selection_precision(selection_dtype, selection_memory_format)
     name = _name(loss_fn)
     b = batch_size(batch)
     start = time.perf_counter()
@@ -467,4 +470,3 @@ def maxup_step(
     selection_seconds = time.perf_counter() - start
     losses = _check_losses(loss_fn(worst), b, name)
     return MaxUpOutput(losses.mean(), losses, selected, candidate_losses.view(m, b), worst, selection_seconds)
-
