@@ -6,6 +6,7 @@ independent set of parameters per row from a ``torch.Generator`` (or a
 """
 
 from lightning_maxup.augment._base import Augmentation, Compose
+from lightning_maxup.augment.adapters import KorniaAdapter, TorchvisionAdapter
 from lightning_maxup.augment.image import (
     CutMix,
     Cutout,
@@ -15,6 +16,14 @@ from lightning_maxup.augment.image import (
     RandomHorizontalFlip,
     soft_targets,
 )
+from lightning_maxup.augment.pointcloud import (
+    PointGaussianNoise,
+    PointJitter,
+    PointSubset,
+    RandomPointRotation,
+    RandomPointScale,
+)
+from lightning_maxup.augment.text import WordEmbeddingDropout, embedding_scale
 
 __all__ = [
     "Augmentation",
@@ -26,4 +35,16 @@ __all__ = [
     "RandomCrop",
     "RandomHorizontalFlip",
     "soft_targets",
+    # point clouds
+    "PointGaussianNoise",
+    "PointJitter",
+    "PointSubset",
+    "RandomPointRotation",
+    "RandomPointScale",
+    # language models
+    "WordEmbeddingDropout",
+    "embedding_scale",
+    # third-party adapters (kornia is imported only when a KorniaAdapter is built)
+    "KorniaAdapter",
+    "TorchvisionAdapter",
 ]
