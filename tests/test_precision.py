@@ -35,7 +35,11 @@ class DtypeLit(MaxUpMixin, pl.LightningModule):
         super().__init__(augment=GaussianNoise(0.2), m=3, **maxup)
         torch.manual_seed(0)
         self.net = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
             nn.Linear(32, 10),
         )
         self.dtypes: dict[str, set[torch.dtype]] = {"selection": set(), "gradient": set()}

@@ -313,8 +313,10 @@ class RandomCrop(Augmentation):
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else (
-        torch.contiguous_format
+    return (
+        torch.channels_last
+        if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
+        else (torch.contiguous_format)
     )
 
 
