@@ -42,12 +42,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import WordEmbeddingDropout, embedding_scale
+from lightning_maxup.timing import EpochTimer
 
 UNK, EOS = "<unk>", "<eos>"
 
@@ -153,18 +153,6 @@ class LitLM(MaxUpMixin, pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-class _EpochTimer(Callback):
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 @torch.no_grad()
 def perplexity(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 128) -> float:
     net.eval()
@@ -190,7 +178,7 @@ def run_one(
     pl.seed_everything(seed, verbose=False)
     model = LitLM(vocab, m=m, dropout_p=p, lr=args.lr, args=args)
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=args.batch_size, shuffle=True, drop_last=True)
-    timer = _EpochTimer()
+    timer = EpochTimer()
     warmup = min(args.warmup, args.epochs - 1)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

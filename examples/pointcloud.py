@@ -35,13 +35,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import Compose, PointJitter, PointSubset, RandomPointRotation, RandomPointScale
 from lightning_maxup.augment.pointcloud import rotation_matrices
+from lightning_maxup.timing import EpochTimer
 
 CLASSES = ("sphere", "cube", "cylinder", "cone")
 
@@ -164,18 +164,6 @@ class LitPointNet(MaxUpMixin, pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.epochs)}
 
 
-class _EpochTimer(Callback):
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 @torch.no_grad()
 def accuracy(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
     net.eval()
@@ -201,7 +189,7 @@ def run_one(
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     model = LitPointNet(num_classes, m=m, selection_view=PointSubset(k) if k else None, lr=args.lr, epochs=args.epochs)
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=args.batch_size, shuffle=True, drop_last=True)
-    timer = _EpochTimer()
+    timer = EpochTimer()
     warmup = min(args.warmup, args.epochs - 1)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

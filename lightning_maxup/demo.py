@@ -14,12 +14,12 @@ import warnings
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 
 from lightning_maxup.augment import Compose, Cutout, RandomCrop
 from lightning_maxup.callback import MaxUp
 from lightning_maxup.data import DigitsDataModule
 from lightning_maxup.models import MaxUpClassifier, SmallCNN
+from lightning_maxup.timing import EpochTimer
 
 __all__ = ["DemoResult", "main", "run_one"]
 
@@ -35,18 +35,6 @@ class DemoResult:
     selection_share: float
 
 
-class _EpochTimer(Callback):
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 def run_one(
     m: int, seed: int, epochs: int, warmup: int, batch_size: int = 64, width: int = 32, progress: bool = True
 ) -> DemoResult:
@@ -57,7 +45,7 @@ def run_one(
         SmallCNN(1, 10, width=width), num_classes=10, m=m, augment=augment, optimizer="adam", lr=3e-3,
         weight_decay=0.0, milestones=[int(epochs * 0.75)], seed=seed,
     )  # fmt: skip
-    timer = _EpochTimer()
+    timer = EpochTimer()
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=[MaxUp(warmup_epochs=warmup if m > 1 else 0), timer],
