@@ -7,6 +7,7 @@ import time
 from typing import Any, Literal
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_maxup.functional import Augment, MaxUpOutput, SelectionMode, batch_size, maxup_step
@@ -182,6 +183,7 @@ class MaxUpMixin:
         self.maxup_selection_dtype = selection_dtype
         self.maxup_selection_memory_format = selection_memory_format
         self._maxup_draws = 0
+        self._maxup_warned_identity = False
         self._maxup_nominal_rows = 0
         self._maxup_generator: torch.Generator | None = None
         self._maxup_clock = _StepClock()
@@ -271,6 +273,12 @@ class MaxUpMixin:
         """
         device = self.device  # type: ignore[attr-defined]
         m = self.maxup_active_m
+        if m > 1 and self.maxup_augment is None and not self._maxup_warned_identity:
+            self._maxup_warned_identity = True
+            rank_zero_warn(
+                f"MaxUp runs with `m`={m} but `augment` is None: every copy is the same sample, so the selection"
+                " pass costs time and changes nothing; pass an augmentation or set m=1"
+            )
         generator: Generator
         if self.maxup_randomness == "sample":
             generator = self.maxup_keyed_generator(batch, m, device)

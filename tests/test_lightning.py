@@ -304,3 +304,15 @@ def test_checkpoint_holds_the_augmentation_stream(tmp_path):
     ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
     state = ckpt["lightning_maxup"]
     assert (state["seed"], state["draws"]) == (5, 6)
+
+
+class NoAugment(Lit):
+    def __init__(self) -> None:
+        super().__init__(m=2)
+        self.maxup_augment = None
+
+
+def test_maxup_without_augmentation_warns_once():
+    with pytest.warns(UserWarning, match="`m`=2 but `augment` is None") as record:
+        _trainer(max_epochs=1).fit(NoAugment(), _loader())
+    assert sum("augment` is None" in str(w.message) for w in record) == 1
