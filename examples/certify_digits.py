@@ -20,16 +20,14 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_maxup.callback import MaxUp
-from lightning_maxup.certify import Smooth, SmoothAdvClassifier, gaussian_classifier, maxup_gauss_classifier
+from lightning_maxup.certify import Smooth
+from lightning_maxup.certify.recipes import RECIPE_OPTIONS, RECIPES, build_recipe
 from lightning_maxup.certify.table import plot_certified_accuracy, read_certification, write_certification
 from lightning_maxup.data import DigitsDataModule, load_digits_split
 from lightning_maxup.models import SmallCNN
-
-RECIPES = ("gaussian", "maxup_gauss", "smoothadv")
+from lightning_maxup.timing import EpochTimer
 
 
 class MLP(nn.Module):
@@ -50,46 +48,12 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class EpochTimer(Callback):
-    """Wall-clock seconds of every training epoch."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-
-
-def build(recipe: str, args: argparse.Namespace) -> tuple[pl.LightningModule, list[Callback]]:
-    backbone = MLP() if args.model == "mlp" else SmallCNN(1, 10, width=16)
-    common = {"optimizer": "adam", "lr": args.lr, "weight_decay": 0.0}
-    if recipe == "gaussian":
-        return gaussian_classifier(backbone, 10, args.sigma, seed=args.seed, **common), []
-    if recipe == "maxup_gauss":
-        model = maxup_gauss_classifier(backbone, 10, args.sigma, m=args.m, seed=args.seed, **common)
-        return model, [MaxUp(warmup_epochs=args.warmup_epochs)]
-    model = SmoothAdvClassifier(
-        backbone,
-        10,
-        sigma=args.sigma,
-        epsilon=args.epsilon,
-        steps=args.steps,
-        num_noise_samples=args.noise_samples,
-        warmup_epochs=args.warmup_epochs,
-        seed=args.seed,
-        **common,
-    )
-    return model, []
-
-
 def run(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, object]:
     args.seed = seed
     pl.seed_everything(seed, verbose=False)  # same initial weights for every recipe at this seed
-    model, callbacks = build(recipe, args)
+    backbone = MLP() if args.model == "mlp" else SmallCNN(1, 10, width=16)
+    options = {name: getattr(args, name) for name in RECIPE_OPTIONS}
+    model, callbacks = build_recipe(recipe, backbone, 10, **options, optimizer="adam", lr=args.lr, weight_decay=0.0)
     timer = EpochTimer()
     trainer = pl.Trainer(
         max_epochs=args.epochs,

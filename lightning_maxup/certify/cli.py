@@ -20,15 +20,7 @@ from typing import Any
 
 import torch
 
-from lightning_maxup.certify.functional import (
-    DEFAULT_ALPHA,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_N,
-    DEFAULT_N0,
-    check_alpha,
-    check_count,
-    check_sigma,
-)
+from lightning_maxup.certify import functional as cf
 from lightning_maxup.certify.table import (
     Certification,
     markdown_table,
@@ -60,7 +52,7 @@ def _type(cast: Callable[[str], Any], check: Callable[[Any], Any], name: str) ->
 
 
 def _count(name: str) -> Callable[[str], Any]:
-    return _type(int, lambda v: check_count(v, name), name)
+    return _type(int, lambda v: cf.check_count(v, name), name)
 
 
 def build_from_config(config: str | Path) -> tuple[Any, Any]:
@@ -117,11 +109,11 @@ def _certify_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, help="LightningCLI YAML with `model:` and `data:` sections")
     p.add_argument("--ckpt", default=None, help="Lightning checkpoint whose weights to certify")
-    p.add_argument("--sigma", required=True, type=_type(float, check_sigma, "sigma"), help="noise σ")
-    p.add_argument("--n0", type=_count("n0"), default=DEFAULT_N0, help="selection samples")
-    p.add_argument("--n", type=_count("n"), default=DEFAULT_N, help="estimation samples")
-    p.add_argument("--alpha", type=_type(float, check_alpha, "alpha"), default=DEFAULT_ALPHA, help="failure rate")
-    p.add_argument("--batch-size", type=_count("batch_size"), default=DEFAULT_BATCH_SIZE, help="rows/forward")
+    p.add_argument("--sigma", required=True, type=_type(float, cf.check_sigma, "sigma"), help="noise σ")
+    p.add_argument("--n0", type=_count("n0"), default=cf.DEFAULT_N0, help="selection samples")
+    p.add_argument("--n", type=_count("n"), default=cf.DEFAULT_N, help="estimation samples")
+    p.add_argument("--alpha", type=_type(float, cf.check_alpha, "alpha"), default=cf.DEFAULT_ALPHA, help="failure rate")
+    p.add_argument("--batch-size", type=_count("batch_size"), default=cf.DEFAULT_BATCH_SIZE, help="rows/forward")
     p.add_argument("--inputs-per-batch", type=int, default=64, help="inputs certified together")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="data split to certify")
     p.add_argument("--skip", type=_count("skip"), default=1, help="certify every skip-th input")

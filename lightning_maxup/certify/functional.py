@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_N",
     "DEFAULT_N0",
+    "NoiseOptions",
     "certified_accuracy",
     "certified_counts",
     "certified_radius",
@@ -55,6 +56,25 @@ DEFAULT_BATCH_SIZE = 1000
 
 # Stages of the noise stream, so the selection and estimation draws of one input differ.
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2
+
+
+class NoiseOptions(TypedDict, total=False):
+    """The keyword arguments that choose the noise of :func:`sample_counts`, forwarded as they are by its callers.
+
+    Attributes:
+        generator: Noise source (on the input's device) when ``keys`` is not given.
+        keys: Optional integer key per input ``[B]`` for noise that depends neither on batching nor on the process.
+        seed: Seed of the keyed noise.
+
+    Example:
+        >>> noise: NoiseOptions = {"keys": torch.arange(3), "seed": 5}
+        >>> sorted(noise)
+        ['keys', 'seed']
+    """
+
+    generator: torch.Generator | None
+    keys: Tensor | None
+    seed: int
 
 
 # --------------------------------------------------------------------------------------------------------------------

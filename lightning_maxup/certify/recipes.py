@@ -24,10 +24,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_maxup import random as lr
 from lightning_maxup.augment import GaussianNoise
+from lightning_maxup.callback import MaxUp
 from lightning_maxup.certify.functional import (
     DEFAULT_ALPHA,
     DEFAULT_BATCH_SIZE,
@@ -42,12 +42,17 @@ from lightning_maxup.certify.metric import TABLE_RADII, CertifiedAccuracy
 from lightning_maxup.certify.smoothing import Smooth
 from lightning_maxup.mixin import mix_seed
 from lightning_maxup.models import MaxUpClassifier
+from lightning_maxup.models.classifier import Classifier
 
 __all__ = [
     "MAXUP_GAUSS_M_GRID",
+    "RECIPES",
+    "RECIPE_OPTIONS",
     "SIGMA_GRID",
+    "Recipe",
     "SmoothAdvClassifier",
     "SmoothedCertifier",
+    "build_recipe",
     "gaussian_classifier",
     "maxup_gauss_classifier",
 ]
@@ -56,6 +61,12 @@ __all__ = [
 SIGMA_GRID: tuple[float, ...] = (0.12, 0.25, 0.5, 1.0)
 #: Numbers of copies the MaxUp paper searches for MaxUp + Gauss.
 MAXUP_GAUSS_M_GRID: tuple[int, ...] = (5, 25, 50, 100, 150)
+
+#: The names of the recipes :func:`build_recipe` builds.
+Recipe = Literal["gaussian", "maxup_gauss", "smoothadv"]
+RECIPES: tuple[Recipe, ...] = ("gaussian", "maxup_gauss", "smoothadv")
+#: The keyword arguments of :func:`build_recipe` that set the recipe (the others configure the optimizer).
+RECIPE_OPTIONS: tuple[str, ...] = ("sigma", "m", "epsilon", "steps", "noise_samples", "warmup_epochs", "seed")
 
 
 def gaussian_classifier(backbone: nn.Module, num_classes: int, sigma: float, **kwargs: Any) -> MaxUpClassifier:
@@ -88,7 +99,7 @@ def maxup_gauss_classifier(
     return MaxUpClassifier(backbone, num_classes, m=m, augment=GaussianNoise(check_sigma(sigma)), **kwargs)
 
 
-class SmoothAdvClassifier(pl.LightningModule):
+class SmoothAdvClassifier(Classifier):
     """SmoothAdv (Salman et al., NeurIPS 2019): train on PGD attacks against the smoothed soft classifier.
 
     Each step draws ``num_noise_samples`` Gaussian noise samples per input, runs ``steps`` of ℓ2 PGD of radius
@@ -137,7 +148,6 @@ class SmoothAdvClassifier(pl.LightningModule):
         gamma: float = 0.1,
         seed: int | None = None,
     ) -> None:
-        super().__init__()
         check_sigma(sigma)
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
             raise ValueError(f"Expected `epsilon` to be a non-negative number, got {epsilon!r}")
@@ -145,20 +155,9 @@ class SmoothAdvClassifier(pl.LightningModule):
         check_count(num_noise_samples, "num_noise_samples")
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"Expected `warmup_epochs` to be a non-negative integer, got {warmup_epochs!r}")
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"Expected `optimizer` to be 'sgd' or 'adam', got {optimizer!r}")
-        if not lr > 0:
-            raise ValueError(f"Expected `lr` to be positive, got {lr!r}")
+        super().__init__(backbone, num_classes, optimizer=optimizer, lr=lr)
         self.save_hyperparameters(ignore=["backbone"])
-        self.backbone = backbone
-        self.num_classes = num_classes
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._generator: torch.Generator | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Return logits."""
-        return self.backbone(x)
 
     def current_epsilon(self) -> float:
         """The attack radius of the current epoch (linear warm-up over ``warmup_epochs``)."""
@@ -206,38 +205,70 @@ class SmoothAdvClassifier(pl.LightningModule):
         self.log("smoothadv/epsilon", eps, batch_size=b)
         return loss
 
-    def _evaluate(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> None:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=stage == "val", batch_size=len(y))
-        metric(logits, y)
-        self.log(f"{stage}/acc", metric, prog_bar=stage == "val", batch_size=len(y))
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Log validation loss and accuracy."""
-        self._evaluate(batch, "val", self.val_acc)
+def build_recipe(
+    recipe: Recipe,
+    backbone: nn.Module,
+    num_classes: int,
+    *,
+    sigma: float,
+    m: int = 5,
+    epsilon: float = 0.5,
+    steps: int = 1,
+    noise_samples: int = 1,
+    warmup_epochs: int = 0,
+    seed: int | None = None,
+    **optimizer_kwargs: Any,
+) -> tuple[pl.LightningModule, list[pl.Callback]]:
+    """Build one of :data:`RECIPES`: the module to train and the callbacks it needs.
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Log test loss and accuracy."""
-        self._evaluate(batch, "test", self.test_acc)
+    ``"gaussian"`` is :func:`gaussian_classifier`; ``"maxup_gauss"`` is :func:`maxup_gauss_classifier` with the
+    :class:`~lightning_maxup.MaxUp` callback (warm-up over ``warmup_epochs``); ``"smoothadv"`` is
+    :class:`SmoothAdvClassifier` (``epsilon`` ramped over ``warmup_epochs``). Arguments a recipe does not use are
+    ignored, so one set of options serves every recipe of a comparison.
 
-    def configure_optimizers(self) -> Any:
-        """SGD with Nesterov momentum (or Adam) and a multi-step learning-rate schedule."""
-        hp: Any = self.hparams
-        if hp.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                self.parameters(),
-                lr=hp.lr,
-                momentum=hp.momentum,
-                weight_decay=hp.weight_decay,
-                nesterov=hp.momentum > 0,
-            )
-        else:
-            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if not hp.milestones:
-            return opt
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.gamma)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+    Args:
+        recipe: Which recipe.
+        backbone: Network mapping inputs to ``num_classes`` logits.
+        num_classes: Number of classes.
+        sigma: Noise standard deviation.
+        m: MaxUp copies per sample (``"maxup_gauss"``).
+        epsilon: ℓ2 attack radius (``"smoothadv"``).
+        steps: PGD steps (``"smoothadv"``).
+        noise_samples: Noise samples per input (``"smoothadv"``).
+        warmup_epochs: MaxUp warm-up, or the epochs over which SmoothAdv's ``epsilon`` ramps up.
+        seed: Base seed of the noise stream.
+        optimizer_kwargs: Optimizer arguments (``optimizer``, ``lr``, ``momentum``, ``weight_decay``,
+            ``milestones``, ``gamma``).
+
+    Returns:
+        ``(module, callbacks)``.
+
+    Example:
+        >>> from lightning_maxup.models import SmallCNN
+        >>> model, callbacks = build_recipe("maxup_gauss", SmallCNN(1, 10, width=4), 10, sigma=0.25, m=3, lr=1e-3)
+        >>> model.maxup_m, [type(c).__name__ for c in callbacks]
+        (3, ['MaxUp'])
+    """
+    if recipe == "gaussian":
+        return gaussian_classifier(backbone, num_classes, sigma, seed=seed, **optimizer_kwargs), []
+    if recipe == "maxup_gauss":
+        model = maxup_gauss_classifier(backbone, num_classes, sigma, m=m, seed=seed, **optimizer_kwargs)
+        return model, [MaxUp(warmup_epochs=warmup_epochs)]
+    if recipe == "smoothadv":
+        smooth_adv = SmoothAdvClassifier(
+            backbone,
+            num_classes,
+            sigma=sigma,
+            epsilon=epsilon,
+            steps=steps,
+            num_noise_samples=noise_samples,
+            warmup_epochs=warmup_epochs,
+            seed=seed,
+            **optimizer_kwargs,
+        )
+        return smooth_adv, []
+    raise ValueError(f"Expected `recipe` to be one of {RECIPES}, got {recipe!r}")
 
 
 class SmoothedCertifier(pl.LightningModule):

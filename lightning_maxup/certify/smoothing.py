@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from lightning_maxup.certify.functional import (
     _ESTIMATION,
@@ -21,6 +22,7 @@ from lightning_maxup.certify.functional import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_N,
     DEFAULT_N0,
+    NoiseOptions,
     certify_from_counts,
     check_alpha,
     check_count,
@@ -120,25 +122,17 @@ class Smooth:
         num: int,
         batch_size: int = DEFAULT_BATCH_SIZE,
         *,
-        generator: torch.Generator | None = None,
-        keys: Tensor | None = None,
-        seed: int = 0,
         stage: int = _ESTIMATION,
+        **noise: Unpack[NoiseOptions],
     ) -> Tensor:
-        """Class counts ``[B, num_classes]`` of the base classifier on ``num`` noisy copies of each input."""
+        """Class counts ``[B, num_classes]`` of the base classifier on ``num`` noisy copies of each input.
+
+        ``noise`` (``generator``, or ``keys`` and ``seed``) and ``stage`` are those of :func:`sample_counts`.
+        """
         self._check_batch(x)
         with _inference(self.base_classifier):
             return sample_counts(
-                self.base_classifier,
-                x,
-                num,
-                self.sigma,
-                self.num_classes,
-                batch_size,
-                generator=generator,
-                keys=keys,
-                seed=seed,
-                stage=stage,
+                self.base_classifier, x, num, self.sigma, self.num_classes, batch_size, stage=stage, **noise
             )
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -148,10 +142,7 @@ class Smooth:
         n: int = DEFAULT_N,
         alpha: float = DEFAULT_ALPHA,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        *,
-        generator: torch.Generator | None = None,
-        keys: Tensor | None = None,
-        seed: int = 0,
+        **noise: Unpack[NoiseOptions],
     ) -> Tensor:
         """Cohen's PREDICT for each input of a batch: the top class, or -1 where the binomial test is not significant.
 
@@ -160,9 +151,8 @@ class Smooth:
             n: Noisy copies per input.
             alpha: Level of the two-sided binomial test of the top two counts.
             batch_size: Rows per forward of the base classifier.
-            generator: Noise source on ``x``'s device.
-            keys: Per-input integer keys for batch-independent keyed noise (see :func:`sample_counts`).
-            seed: Seed of the keyed noise.
+            noise: ``generator`` (a noise source on ``x``'s device), or ``keys`` (per-input integer keys for
+                batch-independent keyed noise) and their ``seed``; see :func:`sample_counts`.
 
         Returns:
             Long tensor ``[B]``.
@@ -174,7 +164,7 @@ class Smooth:
         """
         n = check_count(n, "n")
         alpha = check_alpha(alpha)
-        counts = self.sample_counts(x, n, batch_size, generator=generator, keys=keys, seed=seed, stage=_PREDICTION)
+        counts = self.sample_counts(x, n, batch_size, stage=_PREDICTION, **noise)
         return predict_from_counts(counts, alpha)
 
     def certify_batch(
@@ -184,16 +174,13 @@ class Smooth:
         n: int = DEFAULT_N,
         alpha: float = DEFAULT_ALPHA,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        *,
-        generator: torch.Generator | None = None,
-        keys: Tensor | None = None,
-        seed: int = 0,
+        **noise: Unpack[NoiseOptions],
     ) -> tuple[Tensor, Tensor]:
         """Cohen's CERTIFY for each input of a batch.
 
         ``n0`` noisy copies pick the top class ``cA``; ``n`` more bound ``pA`` from below by the one-sided
         Clopper–Pearson bound at level ``alpha``; the radius is ``σ Φ⁻¹(pA_lower)``, and the input abstains
-        (class -1, radius 0) when ``pA_lower < 0.5``.
+        (class -1, radius 0) when ``pA_lower < 0.5``. ``noise`` is that of :meth:`predict_batch`.
 
         Returns:
             ``(prediction [B] long, radius [B] float64)``.
@@ -207,9 +194,8 @@ class Smooth:
         n0 = check_count(n0, "n0")
         n = check_count(n, "n")
         alpha = check_alpha(alpha)
-        kw = {"generator": generator, "keys": keys, "seed": seed}
-        selection = self.sample_counts(x, n0, batch_size, stage=_SELECTION, **kw)  # type: ignore[arg-type]
-        estimation = self.sample_counts(x, n, batch_size, stage=_ESTIMATION, **kw)  # type: ignore[arg-type]
+        selection = self.sample_counts(x, n0, batch_size, stage=_SELECTION, **noise)
+        estimation = self.sample_counts(x, n, batch_size, stage=_ESTIMATION, **noise)
         prediction, radius, _ = certify_from_counts(selection, estimation, self.sigma, alpha)
         return prediction, radius
 

@@ -14,10 +14,90 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_maxup.functional import Augment, SelectionMode
 from lightning_maxup.mixin import MaxUpMixin
 
-__all__ = ["MaxUpClassifier"]
+__all__ = ["Classifier", "MaxUpClassifier"]
 
 
-class MaxUpClassifier(MaxUpMixin, pl.LightningModule):
+class Classifier(pl.LightningModule):
+    """Shared parts of the cross-entropy classifiers: backbone, clean evaluation and the optimizer.
+
+    ``forward`` returns the backbone's logits; validation and test steps log ``val/loss``, ``val/acc``,
+    ``test/loss`` and ``test/acc`` on clean inputs. :meth:`configure_optimizers` reads the ``optimizer``, ``lr``,
+    ``momentum``, ``weight_decay``, ``milestones`` and ``gamma`` hyperparameters, so a subclass calls
+    ``save_hyperparameters`` with those arguments. Further positional and keyword arguments go on along the MRO
+    (to :class:`~lightning_maxup.MaxUpMixin` when it comes first).
+
+    Args:
+        backbone: Network mapping inputs to ``num_classes`` logits.
+        num_classes: Number of classes.
+        args: Passed on to the next ``__init__`` of the MRO.
+        optimizer: ``"sgd"`` (Nesterov momentum, as the paper's recipes) or ``"adam"``.
+        lr: Learning rate.
+        kwargs: Passed on to the next ``__init__`` of the MRO.
+
+    Example:
+        >>> model = Classifier(nn.Linear(4, 3), num_classes=3, optimizer="adam", lr=1e-3)
+        >>> model(torch.zeros(2, 4)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *args: Any,
+        optimizer: Literal["sgd", "adam"] = "sgd",
+        lr: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"Expected `optimizer` to be 'sgd' or 'adam', got {optimizer!r}")
+        if not lr > 0:
+            raise ValueError(f"Expected `lr` to be positive, got {lr!r}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return logits."""
+        return self.backbone(x)
+
+    def _evaluate(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=stage == "val", batch_size=len(y))
+        metric(logits, y)
+        self.log(f"{stage}/acc", metric, prog_bar=stage == "val", batch_size=len(y))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Log validation loss and accuracy."""
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Log test loss and accuracy."""
+        self._evaluate(batch, "test", self.test_acc)
+
+    def configure_optimizers(self) -> Any:
+        """SGD with Nesterov momentum (or Adam) and a multi-step learning-rate schedule."""
+        hp: Any = self.hparams
+        if hp.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                self.parameters(),
+                lr=hp.lr,
+                momentum=hp.momentum,
+                weight_decay=hp.weight_decay,
+                nesterov=hp.momentum > 0,
+            )
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if not hp.milestones:
+            return opt
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class MaxUpClassifier(MaxUpMixin, Classifier):
     """Cross-entropy classifier around any backbone, trained with MaxUp.
 
     ``per_sample_loss`` is ``F.cross_entropy(..., reduction="none")``, which takes integer labels and the soft
@@ -65,6 +145,10 @@ class MaxUpClassifier(MaxUpMixin, pl.LightningModule):
         seed: int | None = None,
     ) -> None:
         super().__init__(
+            backbone,
+            num_classes,
+            optimizer=optimizer,
+            lr=lr,
             m=m,
             augment=augment,
             chunk_size=chunk_size,
@@ -72,54 +156,9 @@ class MaxUpClassifier(MaxUpMixin, pl.LightningModule):
             selection_mode=selection_mode,
             seed=seed,
         )
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"Expected `optimizer` to be 'sgd' or 'adam', got {optimizer!r}")
-        if not lr > 0:
-            raise ValueError(f"Expected `lr` to be positive, got {lr!r}")
         self.save_hyperparameters(ignore=["backbone", "augment"])
-        self.backbone = backbone
-        self.num_classes = num_classes
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Return logits."""
-        return self.backbone(x)
 
     def per_sample_loss(self, batch: Any) -> Tensor:
         """Per-sample cross-entropy on integer labels or soft targets."""
         x, y = batch[0], batch[1]
         return F.cross_entropy(self(x), y, reduction="none")
-
-    def _evaluate(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> None:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=stage == "val", batch_size=len(y))
-        metric(logits, y)
-        self.log(f"{stage}/acc", metric, prog_bar=stage == "val", batch_size=len(y))
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Log validation loss and accuracy."""
-        self._evaluate(batch, "val", self.val_acc)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Log test loss and accuracy."""
-        self._evaluate(batch, "test", self.test_acc)
-
-    def configure_optimizers(self) -> Any:
-        """SGD with Nesterov momentum (or Adam) and a multi-step learning-rate schedule."""
-        hp: Any = self.hparams
-        if hp.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                self.parameters(),
-                lr=hp.lr,
-                momentum=hp.momentum,
-                weight_decay=hp.weight_decay,
-                nesterov=hp.momentum > 0,
-            )
-        else:
-            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if not hp.milestones:
-            return opt
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.gamma)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
