@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_maxup.augment import Augmentation, Cutout
 from lightning_maxup.functional import maxup_step
-from lightning_maxup.mixin import mix_seed
+from lightning_maxup.random import mix_seed
 
 
 class ManualMaxUp(pl.LightningModule):

@@ -14,29 +14,11 @@ from lightning_maxup.functional import Augment, MaxUpOutput, SelectionMode, batc
 from lightning_maxup.functional import _validate_m as validate_m
 from lightning_maxup.functional import _validate_optional_positive_int as validate_optional_positive_int
 from lightning_maxup.functional import _validate_selection_precision as validate_selection_precision
-from lightning_maxup.random import Generator, KeyedGenerator
+from lightning_maxup.random import Generator, KeyedGenerator, mix_seed
 
-__all__ = ["MaxUpMixin", "mix_seed"]
+__all__ = ["MaxUpMixin"]
 
 _CHECKPOINT_KEY = "lightning_maxup"
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """Hash integers into one 63-bit seed (SplitMix64 finaliser applied to each part in turn).
-
-    Example:
-        >>> mix_seed(0, 1) != mix_seed(1, 0)
-        True
-    """
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
-
-
 class _StepClock:
     """Share of a training step spent selecting, from host clocks (CPU) or CUDA events (deferred one step)."""
 

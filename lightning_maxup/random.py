@@ -19,9 +19,25 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Generator", "KeyedGenerator", "beta", "normal", "randint", "uniform"]
+__all__ = ["Generator", "KeyedGenerator", "beta", "mix_seed", "normal", "randint", "uniform"]
 
 _MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """Hash integers into one 63-bit seed (SplitMix64 finaliser applied to each part in turn).
+
+    Example:
+        >>> mix_seed(0, 1) != mix_seed(1, 0)
+        True
+    """
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
 
 
 def _hash32(x: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import GaussianNoise
 from lightning_maxup.functional import maxup_step
-from lightning_maxup.mixin import mix_seed
+from lightning_maxup.random import mix_seed
 
 
 def _data(n: int = 32) -> TensorDataset:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_maxup import random as lr
+from lightning_maxup.random import mix_seed
 from lightning_maxup.augment import GaussianNoise
 from lightning_maxup.callback import MaxUp
 from lightning_maxup.certify.functional import (
@@ -40,7 +41,6 @@ from lightning_maxup.certify.functional import (
 )
 from lightning_maxup.certify.metric import TABLE_RADII, CertifiedAccuracy
 from lightning_maxup.certify.smoothing import Smooth
-from lightning_maxup.mixin import mix_seed
 from lightning_maxup.models import MaxUpClassifier
 from lightning_maxup.models.classifier import Classifier
 
