@@ -74,7 +74,7 @@ def _worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         baseline = _rss_bytes()
     baseline_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    out = maxup_step(loss_fn, (x, y), augment, cfg["m"], generator=generator, model=model, chunk_size=chunk)
+    out = maxup_step(loss_fn, (x, y), augment=augment, m=cfg["m"], generator=generator, model=model, chunk_size=chunk)
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -51,8 +51,8 @@ from lightning_maxup.functional import (
     gather_rows,
     maxup_step,
     select_worst,
-    selection_context,
 )
+from lightning_maxup._state import preserved as selection_context
 
 try:  # `python benchmarks/step_cost.py` puts benchmarks/ on sys.path; `python -m benchmarks.step_cost` does not
     from _common import environment, markdown_table, replace_between_markers, time_call, time_interleaved, write_json
@@ -169,6 +169,11 @@ class Workload:
         return downsample_view(cand, self.low) if low else cand
 
     # --- cases ----------------------------------------------------------------------------------------------------
+    def preserve(self) -> None:
+        """What leaving the model untouched costs per step: snapshot and restore, with no forward inside."""
+        with torch.no_grad(), selection_context(self.model, "eval"):
+            pass
+
     def erm(self) -> None:
         x, y = self.augment((self.x, self.y), generator=self.gen)
         self._train(F.cross_entropy(self.model(x), y))
@@ -200,7 +205,13 @@ class Workload:
 
         def run() -> None:
             out = maxup_step(
-                self.loss_fn, (self.x, self.y), self.augment, m, generator=self.gen, model=self.model, **kwargs
+                self.loss_fn,
+                (self.x, self.y),
+                augment=self.augment,
+                m=m,
+                generator=self.gen,
+                model=self.model,
+                **kwargs,
             )
             self._train(out.loss)
 
@@ -421,7 +432,7 @@ def render_profile(phases: dict[str, float], ops: list[dict[str, Any]], label: s
 # Driver
 # --------------------------------------------------------------------------------------------------------------------
 def build_cases(w: Workload, args: argparse.Namespace) -> dict[str, Callable[[], object]]:
-    cases: dict[str, Callable[[], object]] = {"erm": w.erm}
+    cases: dict[str, Callable[[], object]] = {"erm": w.erm, "state/preserve": w.preserve}
     for m in args.ms:
         if m == 1:
             cases["maxup/full/m1"] = w.maxup(1, low=False)  # no selection pass at m = 1: low == full
@@ -472,6 +483,7 @@ def summarise(timings: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         tricks[res] = {k[len(prefix) :]: ratio(v, base) for k, v in med.items() if k.startswith(prefix)}
     return {
         "median_s": med,
+        "preserve_share_of_erm": ratio(med.get("state/preserve"), erm),
         "ratio_to_erm": ratios,
         "cost_model": cost_model,
         "trick_speedup": {res: {k: (None if v is None else 1 / v) for k, v in d.items()} for res, d in tricks.items()},
@@ -489,6 +501,7 @@ def check_targets(s: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
         met = value <= limit if cmp == "<=" else value >= limit
         out[name] = {"value": value, "limit": limit, "met": met}
 
+    put("preserve_share_of_erm", s.get("preserve_share_of_erm"), 0.01)
     if 4 in args.ms:
         put("maxup_m4_cost_model_full", cm.get("full/m4"), 1.05)
         put("maxup_m4_cost_model_low", cm.get("low/m4"), 1.05)

@@ -57,7 +57,9 @@ class ManualMaxUp(pl.LightningModule):
         if self.generator is None:
             self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(mix_seed(self.seed, self.global_rank, self.global_step))
-        out = maxup_step(self.per_sample_loss, batch, self.augment, self.m, generator=self.generator, model=self)
+        out = maxup_step(
+            self.per_sample_loss, batch, augment=self.augment, m=self.m, generator=self.generator, model=self
+        )
         opt.zero_grad()
         self.manual_backward(out.loss)
         if self.clip is not None:

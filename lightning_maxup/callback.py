@@ -1,50 +1,74 @@
-"""The ``MaxUp`` callback: the warm-up schedule and trainer-level overrides of ``m`` and ``selection_size``."""
+"""The ``MaxUp`` callback: the warm-up schedule and trainer-level overrides of the MaxUp options."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_maxup.functional import _validate_m as validate_m
-from lightning_maxup.functional import _validate_optional_positive_int as validate_optional_positive_int
+from lightning_maxup._validation import non_negative_int
+from lightning_maxup.config import MaxUpConfig
 from lightning_maxup.mixin import MaxUpMixin
 
 __all__ = ["MaxUp"]
 
 
 class MaxUp(Callback):
-    """Schedule MaxUp: ``warmup_epochs`` of ordinary augmentation, then MaxUp with ``m`` copies.
+    """Schedule MaxUp: ``warmup_epochs`` of ordinary augmentation, then MaxUp, with options overridden.
 
     The paper trains 5 epochs with ordinary augmentation before switching MaxUp on (Gong et al., 2021, Sec. 4).
     The schedule is a function of ``trainer.current_epoch`` alone, set at the start of every epoch and batch,
     so a run resumed from a checkpoint saved mid-warm-up or mid-epoch follows it exactly. The callback only
-    sets the module's public ``maxup_*`` attributes; the loss logic stays in :class:`~lightning_maxup.MaxUpMixin`.
+    sets the module's public ``maxup_enabled`` and ``maxup_config``; the loss logic stays in
+    :class:`~lightning_maxup.MaxUpMixin`.
+
+    Under ``Trainer(fast_dev_run=...)`` the warm-up is skipped, so a dev run exercises MaxUp steps. A fit that
+    can never reach a MaxUp step (``max_epochs <= warmup_epochs``, or ``max_steps`` reached before the warm-up
+    ends) warns once, naming the cause.
 
     Args:
         warmup_epochs: Epochs of ordinary augmentation (``m = 1``) before MaxUp starts.
         m: Copies per sample once MaxUp runs; ``None`` keeps the module's ``m``.
         selection_size: Select on images downsampled to this side; ``None`` keeps the module's setting.
+        **overrides: Any other :class:`~lightning_maxup.MaxUpConfig` field to override (``chunk_size``,
+            ``selection_view``, ``selection_mode``, ``selection_dtype``, ...), validated here.
 
     Example:
         >>> cb = MaxUp(warmup_epochs=5, m=4, selection_size=16)
         >>> cb.state_dict()
-        {'warmup_epochs': 5, 'm': 4, 'selection_size': 16}
+        {'warmup_epochs': 5, 'overrides': {'m': 4, 'selection_size': 16}}
+        >>> MaxUp(chunk_size=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `chunk_size` to be a positive integer or None, got 0
     """
 
-    def __init__(self, warmup_epochs: int = 5, m: int | None = None, selection_size: int | None = None) -> None:
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"Expected `warmup_epochs` to be a non-negative integer, got {warmup_epochs!r}")
-        self.warmup_epochs = warmup_epochs
-        self.m = None if m is None else validate_m(m)
-        self.selection_size = validate_optional_positive_int(selection_size, "selection_size")
+    def __init__(
+        self, warmup_epochs: int = 5, m: int | None = None, selection_size: int | None = None, **overrides: Any
+    ) -> None:
+        self.warmup_epochs = non_negative_int(warmup_epochs, "warmup_epochs")
+        named = {"m": m, "selection_size": selection_size}
+        self.overrides: dict[str, Any] = {k: v for k, v in {**named, **overrides}.items() if v is not None}
+        MaxUpConfig().replace(**self.overrides)  # validates names and values now, before training
+        self._skip_warmup = False
+
+    @property
+    def m(self) -> int | None:
+        """The overridden ``m``, or ``None``."""
+        return self.overrides.get("m")
+
+    @property
+    def selection_size(self) -> int | None:
+        """The overridden ``selection_size``, or ``None``."""
+        return self.overrides.get("selection_size")
 
     def active(self, epoch: int) -> bool:
         """Whether MaxUp runs in ``epoch`` (0-based)."""
-        return epoch >= self.warmup_epochs
+        return self._skip_warmup or epoch >= self.warmup_epochs
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -52,14 +76,40 @@ class MaxUp(Callback):
             raise TypeError(
                 f"The MaxUp callback needs a LightningModule that subclasses MaxUpMixin, got {type(pl_module).__name__}"
             )
+        if self.overrides:
+            pl_module.maxup_config = pl_module.maxup_config.replace(**self.overrides)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._skip_warmup = bool(trainer.fast_dev_run) and self.warmup_epochs > 0
+        if self._skip_warmup:
+            rank_zero_info("MaxUp: `fast_dev_run` skips the warm-up, so the dev run exercises MaxUp steps")
+            return
+        cause = self.never_active_cause(trainer)
+        if cause is not None:
+            rank_zero_warn(f"This fit never runs a MaxUp step: {cause}")
+
+    def never_active_cause(self, trainer: pl.Trainer) -> str | None:
+        """Why ``trainer`` will stop before the warm-up ends, or ``None`` if MaxUp gets to run."""
+        if self.warmup_epochs == 0:
+            return None
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and max_epochs <= self.warmup_epochs:
+            return f"`max_epochs`={max_epochs} is not above the MaxUp callback's `warmup_epochs`={self.warmup_epochs}"
+        batches = trainer.num_training_batches
+        if trainer.max_steps >= 0 and isinstance(batches, int) and batches > 0:
+            per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+            warmup_steps = per_epoch * self.warmup_epochs
+            if trainer.max_steps <= warmup_steps:
+                return (
+                    f"`max_steps`={trainer.max_steps} is reached within the {self.warmup_epochs} warm-up epochs"
+                    f" ({warmup_steps} optimizer steps)"
+                )
+        return None
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert isinstance(pl_module, MaxUpMixin)
         pl_module.maxup_enabled = self.active(trainer.current_epoch)
-        if self.m is not None:
-            pl_module.maxup_m = self.m
-        if self.selection_size is not None:
-            pl_module.maxup_selection_size = self.selection_size
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -73,13 +123,18 @@ class MaxUp(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"warmup_epochs": self.warmup_epochs, "m": self.m, "selection_size": self.selection_size}
+        return {"warmup_epochs": self.warmup_epochs, "overrides": _plain(self.overrides)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {k: state_dict.get(k) for k in ("warmup_epochs", "m", "selection_size")}
+        saved = {k: state_dict.get(k) for k in ("warmup_epochs", "overrides")}
         if saved != self.state_dict():
             rank_zero_warn(
                 f"The MaxUp callback was saved with {saved} and resumes with {self.state_dict()};"
                 " the new settings apply"
             )
+
+
+def _plain(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides as checkpoint-safe values (callables by their repr)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in overrides.items()}

@@ -8,10 +8,16 @@ Subcommands: ``demo``, LightningCLI's ``fit``/``validate``/``test``/``predict``,
 from __future__ import annotations
 
 import sys
+import warnings
+from typing import Any
 
-__all__ = ["cli_main", "main"]
+__all__ = ["cli_main", "main", "version"]
+
+_PROG = "lightning-maxup"
+_LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 _USAGE = """usage: lightning-maxup {demo,fit,validate,test,predict,certify,certify-table} ...
+       lightning-maxup --version
 
   demo           ordinary augmentation vs MaxUp on the bundled digits (no download)
   fit ...        LightningCLI: train from a YAML config (lightning-maxup fit --config CONFIG)
@@ -19,31 +25,95 @@ _USAGE = """usage: lightning-maxup {demo,fit,validate,test,predict,certify,certi
                  LightningCLI's other subcommands
   certify        randomized-smoothing certification of a trained model
   certify-table  certified-accuracy table and plot from certification files
+
+Run lightning-maxup COMMAND --help for the options of a command.
 """
 
 
-def cli_main(argv: list[str] | None = None) -> None:
-    """LightningCLI over any LightningModule and LightningDataModule (``class_path`` in the config)."""
-    import pytorch_lightning as pl
+def version() -> str:
+    """The installed version of ``lightning_maxup``.
+
+    Read from the package metadata, which needs no import of torch; from the package itself when it is not
+    installed (run from a source tree).
+
+    Example:
+        >>> import lightning_maxup
+        >>> version() == lightning_maxup.__version__
+        True
+    """
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as metadata_version
+
+    try:
+        return metadata_version("lightning_maxup")
+    except PackageNotFoundError:
+        import lightning_maxup
+
+        return lightning_maxup.__version__
+
+
+def _lightning_cli_class() -> type:
     from pytorch_lightning.cli import LightningCLI
 
-    LightningCLI(
+    class _CLI(LightningCLI):
+        """LightningCLI that parses the ``argv`` it is given without comparing it with ``sys.argv``.
+
+        LightningCLI warns whenever ``args`` is passed while ``sys.argv`` holds arguments, which is always the case
+        when the console script hands it its own arguments; parsing them here is what LightningCLI does otherwise.
+        """
+
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            self.config = parser.parse_args(args)
+
+    return _CLI
+
+
+def cli_main(argv: list[str] | None = None) -> None:
+    """LightningCLI over any LightningModule and LightningDataModule (``class_path`` in the config).
+
+    Raises:
+        jsonargparse.ArgumentError: On a malformed or invalid configuration (:func:`main` prints it in one block).
+    """
+    import pytorch_lightning as pl
+
+    _lightning_cli_class()(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=argv,
+        args=list(sys.argv[1:] if argv is None else argv),
         save_config_kwargs={"overwrite": True},
+        # Raise instead of printing the whole usage (dozens of lines) before the message; `main` prints it.
+        parser_kwargs={"exit_on_error": False, "prog": _PROG},
     )
 
 
+def _run_lightning(argv: list[str]) -> int:
+    from jsonargparse import ArgumentError
+
+    try:
+        with warnings.catch_warnings():
+            # Lightning 2.6 on recent torch warns on every fit about its own use of a deprecated torch pytree
+            # API; nothing a user can act on.
+            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+            cli_main(argv)
+    except ArgumentError as err:
+        print(f"{_PROG} {argv[0]}: error: {err}", file=sys.stderr)
+        print(f"Run '{_PROG} {argv[0]} --help' for the accepted options.", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``lightning-maxup`` console script."""
+    """Entry point of the ``lightning-maxup`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in ("-V", "--version"):
+        print(f"{_PROG} {version()}")
+        return 0
     if command == "demo":
         from lightning_maxup.demo import main as demo_main
 
@@ -56,10 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_maxup.certify.cli import certify_table_main
 
         return certify_table_main(rest)
-    if command in ("fit", "validate", "test", "predict"):
-        cli_main(argv)
-        return 0
-    print(f"lightning-maxup: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
+    if command in _LIGHTNING_COMMANDS:
+        return _run_lightning(argv)
+    print(f"{_PROG}: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
     return 2
 
 

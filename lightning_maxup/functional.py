@@ -19,229 +19,55 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 
+from lightning_maxup._state import preserved
+from lightning_maxup.batch import (
+    batch_size,
+    expand_copies,
+    gather_rows,
+    map_rows,
+    slice_rows,
+    tensor_leaves,
+    unwrap_shared,
+)
+from lightning_maxup.config import MaxUpConfig, SelectionMode
 from lightning_maxup.random import Generator
+from lightning_maxup.views import Downsample, downsample_view
 
 __all__ = [
     "MaxUpOutput",
     "SelectionMode",
     "batch_size",
+    "chunk_bounds",
     "downsample_view",
     "expand_copies",
+    "expected_max_normal",
     "gather_rows",
+    "gradient_norm_estimate",
     "maxup_step",
     "select_worst",
-    "selection_context",
 ]
 
-SelectionMode = Literal["eval", "train"]
 LossFn = Callable[[Any], Tensor]
 Augment = Callable[..., Any]
 
-
-# --------------------------------------------------------------------------------------------------------------------
-# Batches as trees of tensors
-# --------------------------------------------------------------------------------------------------------------------
-def _map_rows(batch: Any, n: int, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply ``fn`` to every tensor leaf whose first dimension has ``n`` rows; keep other leaves as they are."""
-    if isinstance(batch, Tensor):
-        return fn(batch) if batch.dim() >= 1 and batch.shape[0] == n else batch
-    if isinstance(batch, dict):
-        return type(batch)({k: _map_rows(v, n, fn) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_map_rows(v, n, fn) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_map_rows(v, n, fn) for v in batch)
-    return batch
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
-    for v in values:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
-
-
-def batch_size(batch: Any) -> int:
-    """Rows of a batch: the first dimension of its first tensor (depth-first).
-
-    Example:
-        >>> batch_size((torch.zeros(5, 3), torch.zeros(5)))
-        5
-    """
-    t = _first_tensor(batch)
-    if t is None or t.dim() == 0:
-        raise ValueError(f"Expected a batch holding at least one tensor with a batch dimension, got {type(batch)}")
-    return int(t.shape[0])
-
-
-def expand_copies(batch: Any, m: int) -> Any:
-    """Repeat every batch tensor ``m`` times, copy-major: row ``k * B + i`` is copy ``k`` of sample ``i``.
-
-    Example:
-        >>> expand_copies(torch.tensor([10, 11, 12]), 2)
-        tensor([10, 11, 12, 10, 11, 12])
-    """
-    n = batch_size(batch)
-    return _map_rows(batch, n, lambda t: t.repeat(m, *([1] * (t.dim() - 1))))
-
-
-def gather_rows(batch: Any, rows: Tensor) -> Any:
-    """Select ``rows`` (a 1-D index tensor) of every batch tensor.
-
-    Example:
-        >>> gather_rows((torch.arange(6), torch.arange(6) * 10), torch.tensor([4, 1]))
-        (tensor([4, 1]), tensor([40, 10]))
-    """
-    n = batch_size(batch)
-    return _map_rows(batch, n, lambda t: t.index_select(0, rows.to(t.device)))
-
-
-def _slice_rows(batch: Any, start: int, stop: int) -> Any:
-    n = batch_size(batch)
-    return _map_rows(batch, n, lambda t: t[start:stop])
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Selection pass
-# --------------------------------------------------------------------------------------------------------------------
-@contextmanager
-def selection_context(model: nn.Module | None, mode: SelectionMode = "eval") -> Iterator[None]:
-    """Run the block with ``model`` in the selection pass's mode, and restore it afterwards.
-
-    ``"eval"`` puts the whole model in eval mode: normalisation layers use their running statistics, dropout is
-    off, and each row's loss depends on that row alone (so selection is per sample and independent of chunking,
-    and SyncBatchNorm makes no collective call). ``"train"`` keeps train mode, so normalisation layers use the
-    statistics of the candidate batch, but stops them from updating their running statistics and
-    ``num_batches_tracked``.
-
-    Example:
-        >>> bn = nn.BatchNorm1d(3)
-        >>> with selection_context(bn, "train"), torch.no_grad():
-        ...     _ = bn(torch.randn(8, 3))
-        >>> int(bn.num_batches_tracked), bn.training
-        (0, True)
-    """
-    if mode not in ("eval", "train"):
-        raise ValueError(f"Expected `selection_mode` to be 'eval' or 'train', got {mode!r}")
-    if model is None:
-        yield
-        return
-    modules = list(model.modules())
-    training = [mod.training for mod in modules]
-    untracked: list[_NormBase] = []
-    try:
-        if mode == "eval":
-            model.eval()
-        else:
-            for mod in modules:
-                if isinstance(mod, _NormBase) and mod.training and mod.track_running_stats:
-                    mod.track_running_stats = False
-                    untracked.append(mod)
-        yield
-    finally:
-        for mod, was_training in zip(modules, training, strict=True):
-            mod.training = was_training
-        for mod in untracked:
-            mod.track_running_stats = True
-
-
-# Up to this side, two small matrix products beat the direct antialiased kernel on CPU by an order of magnitude
-# (docs/benchmarks.md); above it the dense matrices waste too many FLOPs.
-_MATMUL_RESIZE_MAX_SIDE = 64
-
-
-@functools.lru_cache(maxsize=32)
-def _resize_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``[n_out, n_in]`` matrix of 1-D antialiased bilinear resizing, read off ``F.interpolate`` of the identity.
-
-    Resizing is linear and separable, so ``A_h @ x @ A_w.T`` equals ``F.interpolate(x, ..., antialias=True)`` up
-    to float rounding.
-    """
-    eye = torch.eye(n_in, dtype=torch.float64, device=device).view(n_in, 1, 1, n_in)
-    cols = F.interpolate(eye, size=(1, n_out), mode="bilinear", antialias=True, align_corners=False)
-    return cols.view(n_in, n_out).t().to(dtype).contiguous()
-
-
-def _resize_antialiased(x: Tensor, size: int) -> Tensor:
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    if max(h, w) > _MATMUL_RESIZE_MAX_SIDE or x.dtype not in (torch.float32, torch.float64):
-        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    a_h = _resize_matrix(h, size, x.dtype, x.device)
-    a_w = a_h if w == h else _resize_matrix(w, size, x.dtype, x.device)
-    out = torch.matmul(torch.matmul(a_h, x), a_w.t())
-    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
-def _images_to(t: Tensor, memory_format: torch.memory_format) -> Tensor:
-    return t.contiguous(memory_format=memory_format) if t.dim() == 4 and t.is_floating_point() else t
-
-
-def downsample_view(batch: Any, size: int) -> Any:
-    """Return the batch with its images (the first 4-D floating tensor) resized to ``size x size``.
-
-    Antialiased bilinear resizing, as the paper selects on 16 px CIFAR and 96 px ImageNet views.
-
-    Example:
-        >>> x, y = downsample_view((torch.rand(2, 3, 32, 32), torch.zeros(2)), 16)
-        >>> x.shape
-        torch.Size([2, 3, 16, 16])
-    """
-    done = False
-
-    def visit(b: Any) -> Any:
-        nonlocal done
-        if isinstance(b, Tensor):
-            if not done and b.dim() == 4 and b.is_floating_point():
-                done = True
-                if b.shape[-2:] == (size, size):
-                    return b
-                return _resize_antialiased(b, size)
-            return b
-        if isinstance(b, dict):
-            return type(b)({k: visit(v) for k, v in b.items()})
-        if isinstance(b, (tuple, list)):
-            items = [visit(v) for v in b]
-            return type(b)(*items) if hasattr(b, "_fields") else type(b)(items)
-        return b
-
-    out = visit(batch)
-    if not done:
-        raise ValueError(
-            "`selection_size` resizes images, but the batch holds no 4-D floating tensor [N, C, H, W];"
-            " pass `selection_view` to make the selection view of other data"
-        )
-    return out
-
-
-def _check_losses(losses: Any, rows: int, name: str) -> Tensor:
-    if not isinstance(losses, Tensor):
-        raise TypeError(f"`{name}` must return a tensor of per-sample losses, got {type(losses).__name__}")
-    if losses.dim() != 1 or losses.shape[0] != rows:
-        raise ValueError(
-            f"`{name}` must return a 1-D tensor with one loss per sample (shape [{rows}]), got shape"
-            f" {list(losses.shape)}; use reduction='none'"
-        )
-    return losses
-
-
-def _name(loss_fn: LossFn) -> str:
-    return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+# Messages of errors that mean "this input shape does not fit the network" (convolution/pooling kernels larger
+# than the input, mismatched flattened sizes): only these are relabelled as a `selection_size` problem.
+_SHAPE_ERROR_MARKERS = (
+    "size",
+    "shape",
+    "kernel",
+    "too small",
+    "mat1 and mat2",
+    "dimension",
+)
 
 
 @dataclass
@@ -256,6 +82,7 @@ class MaxUpOutput:
             ``m == 1``, where there is no selection pass).
         batch: The worst copies, ``B`` rows, as forwarded with gradient.
         selection_seconds: Host wall-clock seconds spent expanding, augmenting and selecting.
+        candidates: The ``m * B`` augmented candidates, copy-major (``None`` when ``m == 1``).
     """
 
     loss: Tensor
@@ -264,6 +91,7 @@ class MaxUpOutput:
     candidate_losses: Tensor
     batch: Any
     selection_seconds: float
+    candidates: Any = None
 
     @property
     def m(self) -> int:
@@ -277,37 +105,57 @@ class MaxUpOutput:
 
     @property
     def mean_candidate_loss(self) -> Tensor:
-        """Mean loss over all ``m * B`` candidates: what ordinary augmentation averaged over m copies minimises.
-
-        The gap to :attr:`worst_candidate_loss` estimates the gradient-norm penalty of the paper's Theorem 1.
-        """
+        """Mean selection-pass loss over all ``m * B`` candidates, what averaging over m copies minimises."""
         return self.candidate_losses.mean()
 
+    @property
+    def gap(self) -> Tensor:
+        """``worst_candidate_loss - mean_candidate_loss``, both from the selection pass, so never negative.
 
-def _validate_m(m: Any) -> int:
+        With Gaussian noise of scale σ this estimates Theorem 1's penalty ``σ · E[max of m normals] · ‖∇ₓL‖``;
+        see :func:`gradient_norm_estimate`.
+        """
+        return (self.candidate_losses.amax(dim=0) - self.candidate_losses.mean(dim=0)).mean()
+
+
+@functools.lru_cache(maxsize=256)
+def expected_max_normal(m: int) -> float:
+    """``E[max(Z_1, ..., Z_m)]`` for ``m`` independent standard normals, by numerical integration.
+
+    ``∫ z · m φ(z) Φ(z)^(m-1) dz``, evaluated with adaptive quadrature (absolute error below 1e-10); not the
+    ``sqrt(2 log m)`` asymptote, which is 40 % off at ``m = 4``.
+
+    Example:
+        >>> round(expected_max_normal(2), 5)  # 1 / sqrt(pi)
+        0.56419
+    """
+    from scipy import integrate, stats
+
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"Expected `m` to be a positive integer, got {m!r}")
-    return m
+    if m == 1:
+        return 0.0
+    value, _ = integrate.quad(
+        lambda z: z * m * stats.norm.pdf(z) * stats.norm.cdf(z) ** (m - 1), -12.0, 12.0, epsabs=1e-11, limit=200
+    )
+    return float(value)
 
 
-def _validate_optional_positive_int(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive integer or None, got {value!r}")
-    return value
+def gradient_norm_estimate(candidate_losses: Tensor, sigma: float) -> Tensor:
+    """Theorem 1's estimate of the input-gradient norm from Gaussian-noise MaxUp's selection losses ``[m, B]``.
 
+    For ``x' = x + σ z``, ``max_i L(x'_i) - mean_i L(x'_i) ≈ σ ‖∇ₓL‖ (max_i u·z_i - mean_i u·z_i)`` to first
+    order, whose expectation is ``σ ‖∇ₓL‖ E[max of m normals]``; so the mean gap divided by
+    ``σ · expected_max_normal(m)`` estimates the mean ``‖∇ₓL‖``.
 
-def _validate_selection_precision(dtype: Any, memory_format: Any) -> None:
-    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(
-            f"Expected `selection_dtype` to be torch.bfloat16, torch.float16, torch.float32 or None, got {dtype!r}"
-        )
-    if memory_format not in (None, torch.contiguous_format, torch.channels_last):
-        raise ValueError(
-            "Expected `selection_memory_format` to be torch.channels_last, torch.contiguous_format or None, got"
-            f" {memory_format!r}"
-        )
+    Example:
+        >>> losses = torch.tensor([[0.0, 1.0], [2.0, 1.0]])  # m = 2 copies of B = 2 samples
+        >>> round(float(gradient_norm_estimate(losses, sigma=0.5)), 4)  # mean gap 0.5 / (0.5 * 0.5642)
+        1.7725
+    """
+    m = int(candidate_losses.shape[0])
+    gap = (candidate_losses.amax(dim=0) - candidate_losses.mean(dim=0)).mean()
+    return gap / (float(sigma) * expected_max_normal(m))
 
 
 def select_worst(candidate_losses: Tensor, batch_rows: int) -> tuple[Tensor, Tensor]:
@@ -326,147 +174,199 @@ def select_worst(candidate_losses: Tensor, batch_rows: int) -> tuple[Tensor, Ten
     return selected, rows
 
 
+def chunk_bounds(rows: int, chunk_size: int | None = None, num_chunks: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges of the selection forwards: one, ``chunk_size`` rows each, or exactly ``num_chunks`` of them.
+
+    ``num_chunks`` wins, and trailing ranges may be empty: under FSDP, DeepSpeed ZeRO-3 or train-mode
+    SyncBatchNorm every forward is a collective, so all ranks must make the same number, uneven batch or not.
+
+    Example:
+        >>> chunk_bounds(10, chunk_size=4)
+        [(0, 4), (4, 8), (8, 10)]
+        >>> chunk_bounds(4, num_chunks=3)
+        [(0, 2), (2, 4), (4, 4)]
+    """
+    if num_chunks is not None:
+        step = max(1, -(-rows // num_chunks))
+        return [(min(k * step, rows), min((k + 1) * step, rows)) for k in range(num_chunks)]
+    step = rows if chunk_size is None else chunk_size
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+def check_losses(losses: Any, rows: int, name: str) -> Tensor:
+    """Return ``losses`` if it is a 1-D tensor of ``rows`` per-sample losses, else raise naming ``name``.
+
+    Example:
+        >>> check_losses(torch.zeros(3), 3, "per_sample_loss").shape
+        torch.Size([3])
+    """
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"`{name}` must return a tensor of per-sample losses, got {type(losses).__name__}")
+    if losses.dim() != 1 or losses.shape[0] != rows:
+        raise ValueError(
+            f"`{name}` must return a 1-D tensor with one loss per sample (shape [{rows}]), got shape"
+            f" {list(losses.shape)}; use reduction='none'"
+        )
+    return losses
+
+
+def check_finite(losses: Tensor, what: str) -> None:
+    """Raise ``FloatingPointError`` with the count when ``losses`` has NaN or infinite values (one host sync).
+
+    Example:
+        >>> check_finite(torch.tensor([1.0, float("nan")]), "candidate losses")
+        Traceback (most recent call last):
+        ...
+        FloatingPointError: 1 of 2 candidate losses are NaN or infinite; check the model, the learning rate and the augmentation (or pass check_finite=False)
+    """  # noqa: E501
+    bad = int((~torch.isfinite(losses)).sum())
+    if bad:
+        raise FloatingPointError(
+            f"{bad} of {losses.numel()} {what} are NaN or infinite; check the model, the learning rate and the"
+            " augmentation (or pass check_finite=False)"
+        )
+
+
+def _name(loss_fn: LossFn) -> str:
+    return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+
+def augment_rows(augment: Augment | None, batch: Any, rows: int, generator: Generator | None, m: int) -> Any:
+    """Apply ``augment`` and check it kept the ``rows`` rows of the expanded batch."""
+    out = augment(batch, generator=generator) if augment is not None else batch
+    got = batch_size(out)
+    if got != rows:
+        raise ValueError(
+            f"`augment` must keep the number of rows: given {rows} rows ({m} copies x {rows // m} samples), it"
+            f" returned {got}"
+        )
+    return out
+
+
+def _selection_view(config: MaxUpConfig) -> Callable[[Any], Any]:
+    view, fmt = config.view, config.memory_format
+
+    def selection_input(chunk: Any) -> Any:
+        out = view(chunk) if view is not None else chunk
+        if fmt is not None:
+            out = map_rows(out, lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
+        return unwrap_shared(out)
+
+    return selection_input
+
+
+def _relabel_shape_error(err: RuntimeError, view: Any) -> Exception | None:
+    if not isinstance(view, Downsample) or isinstance(err, torch.OutOfMemoryError):
+        return None
+    message = str(err).lower()
+    if not any(marker in message for marker in _SHAPE_ERROR_MARKERS):
+        return None
+    return ValueError(
+        f"The selection forward failed on images downsampled to `selection_size`={view.size}; the model may not"
+        f" take inputs that small: {err}"
+    )
+
+
+def selection_losses(
+    loss_fn: LossFn,
+    candidates: Any,
+    config: MaxUpConfig,
+    *,
+    model: nn.Module | None = None,
+    num_chunks: int | None = None,
+) -> Tensor:
+    """Losses ``[m * B]`` of every candidate, without gradient, on the selection view, leaving ``model`` as it was.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> selection_losses(lambda b: net(b).squeeze(1), torch.zeros(6, 2), MaxUpConfig(m=3)).shape
+        torch.Size([6])
+    """
+    rows = batch_size(candidates)
+    view = _selection_view(config)
+    amp = _autocast(candidates, config.dtype)
+    name = _name(loss_fn)
+    chunks: list[Tensor] = []
+    with torch.no_grad(), preserved(model, config.selection_mode):
+        for lo, hi in chunk_bounds(rows, config.chunk_size, num_chunks):
+            chunk = candidates if hi - lo >= rows else slice_rows(candidates, lo, hi)
+            try:
+                with amp:
+                    losses = loss_fn(view(chunk))
+            except RuntimeError as err:
+                relabelled = _relabel_shape_error(err, config.view)
+                if relabelled is None:
+                    raise
+                raise relabelled from err
+            chunks.append(check_losses(losses, hi - lo, name).float())
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+def _autocast(batch: Any, dtype: torch.dtype | None) -> Any:
+    if dtype in (None, torch.float32):
+        return nullcontext()
+    leaves = tensor_leaves(batch)
+    return torch.autocast(leaves[0].device.type if leaves else "cpu", dtype=dtype)
+
+
 def maxup_step(
     loss_fn: LossFn,
     batch: Any,
-    augment: Augment | None,
-    m: int,
+    config: MaxUpConfig | None = None,
     *,
     generator: Generator | None = None,
     model: nn.Module | None = None,
-    selection_mode: SelectionMode = "eval",
-    chunk_size: int | None = None,
-    selection_size: int | None = None,
-    selection_view: Callable[[Any], Any] | None = None,
-    check_finite: bool = True,
     num_chunks: int | None = None,
-    selection_dtype: torch.dtype | None = None,
-    selection_memory_format: torch.memory_format | None = None,
+    **options: Any,
 ) -> MaxUpOutput:
     """One MaxUp step: augment ``m`` copies per sample, pick each sample's worst, forward it with gradient.
 
     Args:
         loss_fn: Maps a batch to a 1-D tensor of per-sample losses (``reduction="none"``).
-        batch: A tensor or a (nested) tuple/list/dict of tensors whose first dimension is the batch.
-        augment: ``augment(batch, generator=...) -> batch``, applied to the ``m * B``-row expanded batch; ``None``
-            for no augmentation.
-        m: Copies per sample. ``m == 1`` is ordinary augmentation: one augmented forward, no selection pass.
+        batch: A tensor or a (nested) tuple/list/dict of tensors whose first dimension is the batch; wrap
+            tensors that are not per-sample in :class:`~lightning_maxup.batch.Shared`.
+        config: The step's options (:class:`~lightning_maxup.MaxUpConfig`); default ``MaxUpConfig()``.
         generator: Source of the augmentation's randomness.
-        model: The module ``loss_fn`` runs; given, the selection pass runs it in ``selection_mode`` and restores
-            its mode afterwards.
-        selection_mode: ``"eval"`` (default: running statistics, per-sample losses, no running-stat updates) or
-            ``"train"`` (batch statistics of the candidates, running statistics left untouched).
-        chunk_size: Rows per selection forward, to bound memory; ``None`` forwards all ``m * B`` rows at once.
-        selection_size: Select on images downsampled to this side; the gradient forward stays at full size.
-        selection_view: Custom selection view ``view(batch) -> batch`` (e.g. a point subset); overrides
-            ``selection_size``.
-        check_finite: Raise if a candidate loss is NaN or infinite (costs one host sync on an accelerator).
-        num_chunks: Split the selection pass into exactly this many forwards of near-equal size (trailing ones
-            may be empty), whatever ``B`` is. Under SyncBatchNorm with ``selection_mode="train"`` every forward is
-            a collective, so all ranks must make the same number of them, even on an uneven last batch;
-            overrides ``chunk_size``.
-        selection_dtype: Run the selection forward under ``torch.autocast`` with this dtype (``torch.bfloat16``
-            or ``torch.float16``); ``None`` (default) keeps full precision. Copies whose losses differ by less than
-            the reduced precision may be ranked differently; the gradient forward is unaffected. On CPUs with
-            AVX-512 BF16/AMX, ``torch.bfloat16`` makes the selection forward several times faster (see
-            ``docs/benchmarks.md``).
-        selection_memory_format: Convert the selection view's images (4-D floating tensors) to this memory
-            format, e.g. ``torch.channels_last``, which convolutions then run in; ``None`` leaves them as they are.
+        model: The module ``loss_fn`` runs; given, the selection pass runs it in ``config.selection_mode`` and
+            leaves it exactly as it was (buffers, parameters, modes and the global random state).
+        num_chunks: Split the selection pass into exactly this many forwards (trailing ones may be empty),
+            whatever ``B`` is, so that all ranks make the same number of forwards; overrides ``chunk_size``.
+        **options: :class:`~lightning_maxup.MaxUpConfig` fields overriding ``config``, e.g. ``m=4``.
 
     Returns:
         A :class:`MaxUpOutput`; back-propagate its ``loss``.
 
     Example:
+        >>> import torch.nn.functional as F
         >>> from lightning_maxup.augment import GaussianNoise
         >>> net = nn.Linear(4, 3)
         >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
         >>> loss_fn = lambda b: F.cross_entropy(net(b[0]), b[1], reduction="none")
-        >>> out = maxup_step(loss_fn, (x, y), GaussianNoise(0.1), m=4, generator=torch.Generator().manual_seed(0))
+        >>> out = maxup_step(loss_fn, (x, y), augment=GaussianNoise(0.1), m=4, generator=torch.Generator().manual_seed(0))
         >>> out.loss.backward()
-        >>> out.candidate_losses.shape, bool(out.loss >= out.mean_candidate_loss - 1e-6)
+        >>> out.candidate_losses.shape, bool(out.gap >= 0)
         (torch.Size([4, 8]), True)
-    """
-    _validate_m(m)
-    chunk_size = _validate_optional_positive_int(chunk_size, "chunk_size")
-    num_chunks = _validate_optional_positive_int(num_chunks, "num_chunks")
-    selection_size = _validate_optional_positive_int(selection_size, "selection_size")
-    _validate_selection_precision(selection_dtype, selection_memory_format)
-    name = _name(loss_fn)
-    b = batch_size(batch)
+    """  # noqa: E501
+    config = (config or MaxUpConfig()).replace(**options) if options else (config or MaxUpConfig())
+    if num_chunks is not None and (isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1):
+        raise ValueError(f"Expected `num_chunks` to be a positive integer or None, got {num_chunks!r}")
+    m, b, name = config.m, batch_size(batch), _name(loss_fn)
     start = time.perf_counter()
-
-    def augmented(source: Any, rows: int) -> Any:
-        out = augment(source, generator=generator) if augment is not None else source
-        got = batch_size(out)
-        if got != rows:
-            raise ValueError(
-                f"`augment` must keep the number of rows: given {rows} rows ({m} copies x {b} samples), it"
-                f" returned {got}"
-            )
-        return out
-
     if m == 1:
-        candidates = augmented(batch, b)
-        losses = _check_losses(loss_fn(candidates), b, name)
+        worst = augment_rows(config.augment, batch, b, generator, 1)
+        losses = check_losses(loss_fn(unwrap_shared(worst)), b, name)
+        if config.check_finite:
+            check_finite(losses.detach(), "losses")
         selected = torch.zeros(b, dtype=torch.long, device=losses.device)
-        return MaxUpOutput(losses.mean(), losses, selected, losses.detach()[None], candidates, 0.0)
-
-    candidates = augmented(expand_copies(batch, m), m * b)
-    view = selection_view
-    if view is None and selection_size is not None:
-        size = selection_size
-
-        def view(c: Any) -> Any:
-            return downsample_view(c, size)
-
-    if selection_memory_format is not None:
-        inner, fmt = view, selection_memory_format
-
-        def view(c: Any) -> Any:
-            c = inner(c) if inner is not None else c
-            return _map_rows(c, batch_size(c), lambda t: _images_to(t, fmt))
-
-    amp_device: str | None = None
-    if selection_dtype not in (None, torch.float32):
-        first = _first_tensor(candidates)
-        amp_device = first.device.type if first is not None else "cpu"
-
-    rows = m * b
-    step = rows if chunk_size is None else chunk_size
-    if num_chunks is not None:
-        step = max(1, -(-rows // num_chunks))
-        bounds = [(min(k * step, rows), min((k + 1) * step, rows)) for k in range(num_chunks)]
-    else:
-        bounds = [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
-    chunks: list[Tensor] = []
-    with torch.no_grad(), selection_context(model, selection_mode):
-        for lo, hi in bounds:
-            chunk = candidates if hi - lo >= rows else _slice_rows(candidates, lo, hi)
-            n = hi - lo
-            try:
-                selection_input = view(chunk) if view is not None else chunk
-                if amp_device is not None:
-                    with torch.autocast(amp_device, dtype=selection_dtype):
-                        chunk_losses = loss_fn(selection_input)
-                else:
-                    chunk_losses = loss_fn(selection_input)
-            except RuntimeError as err:
-                if selection_size is not None and selection_view is None:
-                    raise ValueError(
-                        f"The selection forward failed on images downsampled to `selection_size`={selection_size};"
-                        f" the model may not take inputs that small: {err}"
-                    ) from err
-                raise
-            chunks.append(_check_losses(chunk_losses, n, name).float())
-    candidate_losses = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-    if check_finite and not bool(torch.isfinite(candidate_losses).all()):
-        bad = int((~torch.isfinite(candidate_losses)).sum())
-        raise FloatingPointError(
-            f"{bad} of {rows} candidate losses in the MaxUp selection pass are NaN or infinite; check the model,"
-            " the learning rate and the augmentation (or pass check_finite=False)"
-        )
+        return MaxUpOutput(losses.mean(), losses, selected, losses.detach()[None], worst, 0.0)
+    candidates = augment_rows(config.augment, expand_copies(batch, m), m * b, generator, m)
+    candidate_losses = selection_losses(loss_fn, candidates, config, model=model, num_chunks=num_chunks)
+    if config.check_finite:
+        check_finite(candidate_losses, "candidate losses in the MaxUp selection pass")
     selected, worst_rows = select_worst(candidate_losses, b)
     worst = gather_rows(candidates, worst_rows)
     selection_seconds = time.perf_counter() - start
-    losses = _check_losses(loss_fn(worst), b, name)
-    return MaxUpOutput(losses.mean(), losses, selected, candidate_losses.view(m, b), worst, selection_seconds)
+    losses = check_losses(loss_fn(unwrap_shared(worst)), b, name)
+    return MaxUpOutput(
+        losses.mean(), losses, selected, candidate_losses.view(m, b), worst, selection_seconds, candidates
+    )

@@ -2,35 +2,46 @@
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_maxup.functional import Augment, MaxUpOutput, SelectionMode, batch_size, maxup_step
-from lightning_maxup.functional import _validate_m as validate_m
-from lightning_maxup.functional import _validate_optional_positive_int as validate_optional_positive_int
-from lightning_maxup.functional import _validate_selection_precision as validate_selection_precision
-from lightning_maxup.random import Generator, KeyedGenerator, mix_seed
+from lightning_maxup.augment.image import GaussianNoise
+from lightning_maxup.batch import batch_size
+from lightning_maxup.config import MaxUpConfig, option_names
+from lightning_maxup.functional import (
+    MaxUpOutput,
+    augment_rows,
+    check_finite,
+    expand_copies,
+    gradient_norm_estimate,
+    maxup_step,
+    selection_losses,
+)
+from lightning_maxup.random import Generator, KeyedGenerator, mix_seed, resolve_seed
 
 __all__ = ["MaxUpMixin"]
 
 _CHECKPOINT_KEY = "lightning_maxup"
+
+
 class _StepClock:
     """Share of a training step spent selecting, from host clocks (CPU) or CUDA events (deferred one step)."""
 
     def __init__(self) -> None:
         self.start = 0.0
         self.selection = 0.0
+        self._selected = False
         self._events: tuple[Any, Any, Any] | None = None
         self._pending: tuple[Any, Any, Any] | None = None
 
     def step_started(self, device: torch.device) -> None:
         self.start = time.perf_counter()
         self.selection = 0.0
+        self._selected = False
         self._events = None
         if device.type == "cuda":
             events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3))
@@ -39,6 +50,7 @@ class _StepClock:
 
     def selection_done(self, seconds: float) -> None:
         self.selection = seconds
+        self._selected = True
         if self._events is not None:
             self._events[1].record()
 
@@ -46,9 +58,12 @@ class _StepClock:
         """Selection time over step time of the step that just ended (CPU) or of the previous one (CUDA)."""
         if self._events is None:
             total = time.perf_counter() - self.start
-            return self.selection / total if total > 0 else None
+            return self.selection / total if total > 0 and self._selected else None
+        if not self._selected:  # a step that skipped maxup_step: its selection took no time
+            self._events[1].record()
         self._events[2].record()
         previous, self._pending = self._pending, self._events
+        self._events = None
         if previous is None:
             return None
         start, selected, end = previous
@@ -57,55 +72,102 @@ class _StepClock:
         return start.elapsed_time(selected) / total if total > 0 else None
 
 
+class _FiniteGuard:
+    """Raise on non-finite losses without a host sync per step on accelerators.
+
+    On the CPU the count is checked at once. On an accelerator the count is copied to the host asynchronously
+    and an event recorded; the check happens at a later step, once the event has completed (``query()`` never
+    blocks), so the error comes one or two steps late instead of costing a sync every step.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Tensor, Any, int, str]] = []
+
+    def __call__(self, losses: Tensor, what: str) -> None:
+        losses = losses.detach()
+        if losses.device.type == "cpu":
+            check_finite(losses, what)
+            return
+        self.poll()
+        bad = (~torch.isfinite(losses)).sum()
+        host = torch.empty((), dtype=bad.dtype, pin_memory=losses.device.type == "cuda")
+        host.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event() if losses.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self._pending.append((host, event, losses.numel(), what))
+
+    def poll(self) -> None:
+        """Check the counts whose copies have reached the host."""
+        waiting = []
+        for host, event, total, what in self._pending:
+            if event is not None and not event.query():
+                waiting.append((host, event, total, what))
+                continue
+            bad = int(host)
+            if bad:
+                raise FloatingPointError(
+                    f"{bad} of {total} {what} are NaN or infinite; check the model, the learning rate and the"
+                    " augmentation (or pass check_finite=False)"
+                )
+        self._pending = waiting
+
+
 class MaxUpMixin:
     """Mix into a ``LightningModule`` to train it with MaxUp; implement :meth:`per_sample_loss`.
 
     Each training step expands the batch to ``m`` augmented copies per sample, finds every sample's worst copy
-    in one forward without gradient, and returns the mean loss of one ordinary forward on those worst copies
-    (Gong et al., "MaxUp", CVPR 2021). Without the :class:`~lightning_maxup.MaxUp` callback, MaxUp runs from the
-    first step with this ``m``; the callback adds the warm-up of ordinary augmentation and can override ``m``
-    and ``selection_size``.
+    in forwards without gradient, and returns the mean loss of one ordinary forward on those worst copies (Gong et
+    al., "MaxUp", CVPR 2021). Without the :class:`~lightning_maxup.MaxUp` callback, MaxUp runs from the first
+    step; the callback adds the warm-up of ordinary augmentation and can override options.
 
-    The selection pass runs the model in eval mode by default: normalisation layers use their running
-    statistics, so each copy's loss depends on that copy alone, chunking changes nothing, SyncBatchNorm makes no
-    collective call, and no running statistic moves. ``selection_mode="train"`` uses the candidates' batch
-    statistics instead (running statistics still untouched); it helps when running statistics are poor, such as
-    MaxUp from the very first step without warm-up.
+    The options live in one frozen :class:`~lightning_maxup.MaxUpConfig`, ``self.maxup_config``; pass it as
+    ``maxup=`` or pass its fields as keyword arguments (``m=4, augment=...``). Each option is also readable and
+    settable as ``self.maxup_<name>`` (setting validates and replaces the config).
 
-    Randomness comes from a generator this mixin owns, reseeded at every step from ``(seed, global rank, step
-    count)``: ranks draw differently, the same seed replays the same run, and the seed and step count are
-    saved in checkpoints, so a resumed run continues the same stream. ``randomness="sample"`` keys every draw by
-    ``(seed, epoch, sample index, copy index)`` instead (a :class:`~lightning_maxup.random.KeyedGenerator`), so
-    a sample's augmentations do not depend on the rank, the step or the batch it lands in: with a model without
-    batch statistics, 2 ranks with batches of ``B / 2`` make the same update as 1 process with batches of ``B``.
-    It needs :meth:`maxup_sample_index`.
+    **The selection pass leaves the model exactly as it was**, whatever its layers: every buffer is restored,
+    every parameter checked, every module's ``training`` flag restored through its own ``train()``, and the
+    global random state restored (see :mod:`lightning_maxup._state`). What the copies are scored with:
 
-    With ``selection_mode="train"``, ``chunk_size`` and more than one rank, every rank makes the same number of
-    selection forwards, ``ceil(m * B / chunk_size)`` for the largest batch ``B`` seen so far (the first one),
-    even on an uneven last batch: under SyncBatchNorm each of those forwards is a collective.
+    - ``selection_mode="eval"`` (default): normalisation layers use running statistics and **dropout is off**,
+      so each copy's loss depends on that copy alone, chunking changes nothing and SyncBatchNorm makes no
+      collective call.
+    - ``selection_mode="train"``: normalisation layers use the candidates' batch statistics and **dropout is on**,
+      with masks of its own (drawn from the global generator, whose state is then restored, so the gradient pass
+      draws the masks it would have drawn without selection).
 
-    If you override ``on_train_batch_start``, ``on_train_batch_end``, ``on_save_checkpoint`` or
-    ``on_load_checkpoint``, call ``super()`` in them.
+    **Pre-flight check.** At the first training batch of a fit, before any optimizer step and whatever the
+    warm-up, the real batch goes through the augmentation, the selection view and the model once, so a
+    wrong ``per_sample_loss`` shape, an augmentation that drops rows or a ``selection_size`` the network cannot
+    take fails in seconds rather than after the warm-up. Non-finite losses raise during warm-up too.
+
+    **Randomness** comes from a generator reseeded at every step from ``(seed, global rank, step count)``. With
+    ``seed=None`` the seed is ``seed_everything``'s or rank 0's ``torch.initial_seed()``, broadcast to every rank
+    when the fit starts, so ranks differ only by their rank in the stream key; the seed and step count are saved
+    in checkpoints. ``randomness="sample"`` keys every draw by ``(seed, epoch, sample index, copy index)``
+    instead (:meth:`maxup_sample_index`), which makes the run independent of the world size.
+
+    **Collectives.** With more than one rank and ``chunk_size`` set, every rank makes the same number of
+    selection forwards on every step, uneven last batch included (``ceil(m * B / chunk_size)`` for the largest
+    batch ``B`` seen), in both modes: under FSDP, DeepSpeed ZeRO-3 and train-mode SyncBatchNorm each forward is a
+    collective.
+
+    **Logging** (``maxup/<name>`` per step on this rank, ``maxup/<name>_epoch`` per epoch reduced over ranks):
+    ``loss`` (the trained loss, from the gradient pass, on the progress bar), and when ``m > 1``:
+    ``worst_loss`` and ``mean_loss`` (both from the selection pass, so ``worst >= mean``), ``gap`` (their
+    difference), ``grad_norm`` (Theorem 1's estimate of ``‖∇ₓL‖`` when ``augment`` is
+    :class:`~lightning_maxup.augment.GaussianNoise`), ``selection_share`` and ``m``.
+
+    If you override ``on_fit_start``, ``on_train_batch_start``, ``on_train_batch_end``, ``on_save_checkpoint``
+    or ``on_load_checkpoint``, call ``super()`` in them.
 
     Args:
-        m: Augmented copies per sample; ``m=1`` is ordinary augmentation.
-        augment: ``augment(batch, generator=...) -> batch`` applied to the expanded batch, or ``None``.
-        chunk_size: Rows per selection forward, to bound memory; ``None`` forwards all ``m * B`` at once.
-        selection_size: Select on images downsampled to this side (the paper uses 16 px on CIFAR, 96 px on
-            ImageNet); the gradient forward stays at full resolution.
-        selection_view: Custom ``view(batch) -> batch`` for the selection forward; overrides ``selection_size``.
-        selection_mode: ``"eval"`` or ``"train"`` for the selection pass (see above).
-        check_finite: Raise when a candidate loss is NaN or infinite.
-        seed: Base seed of the augmentation stream; ``None`` takes ``seed_everything``'s seed or
-            ``torch.initial_seed()`` when training starts.
-        randomness: ``"rank"`` (default) draws from a stream per ``(seed, rank, step)``; ``"sample"`` keys draws
-            by ``(seed, epoch, sample index, copy index)``, independent of the world size (see above).
-        selection_dtype: Run the selection forward under autocast in this dtype (e.g. ``torch.bfloat16``, 2x
-            faster on CPUs with AMX/AVX-512 BF16, docs/benchmarks.md); copies whose losses differ by less than that
-            precision may rank differently. ``None`` keeps full precision (or the trainer's own autocast).
-        selection_memory_format: Memory format of the selection view's images, e.g. ``torch.channels_last``.
         *args: Passed on to the next class (the LightningModule).
-        **kwargs: Passed on to the next class (the LightningModule).
+        maxup: The MaxUp options; keyword arguments named like its fields override it.
+        **kwargs: :class:`~lightning_maxup.MaxUpConfig` fields (``m``, ``augment``, ``chunk_size``,
+            ``selection_size``, ``selection_view``, ``selection_mode``, ``selection_dtype``,
+            ``selection_memory_format``, ``check_finite``, ``seed``, ``randomness``); the rest go on to the next
+            class.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -118,57 +180,28 @@ class MaxUpMixin:
         ...     def per_sample_loss(self, batch):
         ...         x, y = batch
         ...         return F.cross_entropy(self.net(x), y, reduction="none")
-        >>> Lit().maxup_m
+        >>> Lit().maxup_config.m
         4
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        m: int = 4,
-        augment: Augment | None = None,
-        chunk_size: int | None = None,
-        selection_size: int | None = None,
-        selection_view: Any = None,
-        selection_mode: SelectionMode = "eval",
-        check_finite: bool = True,
-        seed: int | None = None,
-        randomness: Literal["rank", "sample"] = "rank",
-        selection_dtype: torch.dtype | None = None,
-        selection_memory_format: torch.memory_format | None = None,
-        **kwargs: Any,
-    ) -> None:
+    maxup_config: MaxUpConfig
+
+    def __init__(self, *args: Any, maxup: MaxUpConfig | None = None, **kwargs: Any) -> None:
+        options = {name: kwargs.pop(name) for name in option_names() if name in kwargs}
         super().__init__(*args, **kwargs)
-        if augment is not None and not callable(augment):
-            raise TypeError(f"Expected `augment` to be callable as augment(batch, generator=...), got {augment!r}")
-        if selection_view is not None and not callable(selection_view):
-            raise TypeError(f"Expected `selection_view` to be callable, got {selection_view!r}")
-        if selection_mode not in ("eval", "train"):
-            raise ValueError(f"Expected `selection_mode` to be 'eval' or 'train', got {selection_mode!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"Expected `seed` to be an integer or None, got {seed!r}")
-        if randomness not in ("rank", "sample"):
-            raise ValueError(f"Expected `randomness` to be 'rank' or 'sample', got {randomness!r}")
-        #: Copies per sample; the MaxUp callback may set it.
-        self.maxup_m = validate_m(m)
+        if maxup is not None and not isinstance(maxup, MaxUpConfig):
+            raise TypeError(f"Expected `maxup` to be a MaxUpConfig, got {type(maxup).__name__}")
+        base = maxup if maxup is not None else MaxUpConfig()
+        self.maxup_config = base.replace(**options) if options else base
         #: False runs ordinary augmentation (one copy, no selection); the MaxUp callback sets it during warm-up.
         self.maxup_enabled = True
-        self.maxup_augment = augment
-        self.maxup_chunk_size = validate_optional_positive_int(chunk_size, "chunk_size")
-        self.maxup_selection_size = validate_optional_positive_int(selection_size, "selection_size")
-        self.maxup_selection_view = selection_view
-        self.maxup_selection_mode: SelectionMode = selection_mode
-        self.maxup_check_finite = bool(check_finite)
-        self.maxup_seed = seed
-        self.maxup_randomness: Literal["rank", "sample"] = randomness
-        validate_selection_precision(selection_dtype, selection_memory_format)
-        self.maxup_selection_dtype = selection_dtype
-        self.maxup_selection_memory_format = selection_memory_format
         self._maxup_draws = 0
         self._maxup_warned_identity = False
+        self._maxup_preflight_done = False
         self._maxup_nominal_rows = 0
         self._maxup_generator: torch.Generator | None = None
         self._maxup_clock = _StepClock()
+        self._maxup_finite = _FiniteGuard()
 
     # ---------------------------------------------------------------------------------------------------------------
     # What the user implements
@@ -197,22 +230,30 @@ class MaxUpMixin:
         )
 
     # ---------------------------------------------------------------------------------------------------------------
-    # The step
+    # Randomness
     # ---------------------------------------------------------------------------------------------------------------
     @property
     def maxup_active_m(self) -> int:
-        """The ``m`` the next step uses: ``maxup_m`` when enabled, else 1 (ordinary augmentation)."""
-        return self.maxup_m if self.maxup_enabled else 1
+        """The ``m`` the next step uses: ``maxup_config.m`` when enabled, else 1 (ordinary augmentation)."""
+        return self.maxup_config.m if self.maxup_enabled else 1
+
+    def _maxup_trainer(self) -> Any:
+        return getattr(self, "_trainer", None)
 
     def _maxup_rank(self) -> int:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._maxup_trainer()
         return int(trainer.global_rank) if trainer is not None else 0
 
-    def _maxup_resolve_seed(self) -> int:
-        if self.maxup_seed is None:
-            env = os.environ.get("PL_GLOBAL_SEED")
-            self.maxup_seed = int(env) if env is not None else int(torch.initial_seed())
-        return self.maxup_seed
+    def maxup_resolved_seed(self) -> int:
+        """The base seed of the augmentation stream.
+
+        The configured seed, or ``seed_everything``'s, or this process's ``torch.initial_seed()`` (replaced by
+        rank 0's when a fit starts).
+        """
+        if self.maxup_config.seed is None:
+            self.maxup_config = self.maxup_config.replace(seed=resolve_seed(None))
+        assert self.maxup_config.seed is not None
+        return self.maxup_config.seed
 
     def maxup_keyed_generator(self, batch: Any, m: int, device: torch.device) -> KeyedGenerator:
         """The per-row stream of ``randomness="sample"``: rows keyed ``(epoch, sample index, copy index)``.
@@ -221,31 +262,63 @@ class MaxUpMixin:
         """
         index = torch.as_tensor(self.maxup_sample_index(batch)).to(device=device, dtype=torch.int64).flatten()
         b = int(index.shape[0])
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._maxup_trainer()
         epoch = int(trainer.current_epoch) if trainer is not None else 0
         copy = torch.arange(m, device=device, dtype=torch.int64).repeat_interleave(b)
         keys = torch.stack([torch.full_like(copy, epoch), index.repeat(m), copy], dim=1)
         self._maxup_draws += 1
-        return KeyedGenerator(self._maxup_resolve_seed(), keys)
-
-    def _maxup_num_chunks(self, batch: Any, m: int) -> int | None:
-        """Selection forwards per step, equal on all ranks, where SyncBatchNorm makes each one a collective."""
-        trainer = getattr(self, "_trainer", None)
-        if self.maxup_selection_mode != "train" or self.maxup_chunk_size is None or m == 1 or trainer is None:
-            return None
-        if int(getattr(trainer, "world_size", 1)) <= 1:
-            return None
-        self._maxup_nominal_rows = max(self._maxup_nominal_rows, batch_size(batch))
-        return -(-m * self._maxup_nominal_rows // self.maxup_chunk_size)
+        return KeyedGenerator(self.maxup_resolved_seed(), keys)
 
     def maxup_generator(self, device: torch.device) -> torch.Generator:
         """The generator of the next step's augmentation, reseeded from ``(seed, rank, step count)``."""
-        seed = self._maxup_resolve_seed()
+        seed = self.maxup_resolved_seed()
         if self._maxup_generator is None or self._maxup_generator.device.type != device.type:
             self._maxup_generator = torch.Generator(device=device)
         self._maxup_generator.manual_seed(mix_seed(seed, self._maxup_rank(), self._maxup_draws))
         self._maxup_draws += 1
         return self._maxup_generator
+
+    def _maxup_next_generator(self, batch: Any, m: int) -> Generator:
+        device = self.device  # type: ignore[attr-defined]
+        if self.maxup_config.randomness == "sample":
+            return self.maxup_keyed_generator(batch, m, device)
+        return self.maxup_generator(device)
+
+    def _maxup_num_chunks(self, batch: Any, m: int) -> int | None:
+        """Selection forwards per step, equal on all ranks, where each may be a collective (FSDP, SyncBN)."""
+        trainer = self._maxup_trainer()
+        chunk = self.maxup_config.chunk_size
+        if chunk is None or m == 1 or trainer is None or int(getattr(trainer, "world_size", 1)) <= 1:
+            return None
+        self._maxup_nominal_rows = max(self._maxup_nominal_rows, batch_size(batch))
+        return -(-m * self._maxup_nominal_rows // chunk)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # The step
+    # ---------------------------------------------------------------------------------------------------------------
+    def maxup_preflight(self, batch: Any) -> None:
+        """Run ``batch`` through the augmentation, the selection view and the model once; raise on a problem.
+
+        Checks that the augmentation keeps the rows, that ``per_sample_loss`` returns one loss per row and that
+        the selection view runs through the model (a ``selection_size`` larger than the images, or one the
+        network cannot take, raises). It runs the very forwards a MaxUp step's selection pass runs, on the same
+        shapes and chunks, so ``torch.compile`` sees no new shape and every rank makes the same collectives. The
+        model is left exactly as it was, and the augmentation stream is not consumed.
+        """
+        cfg = self.maxup_config
+        b = batch_size(batch)
+        device = self.device  # type: ignore[attr-defined]
+        generator: Generator = torch.Generator(device=device).manual_seed(0)
+        if cfg.randomness == "sample":
+            generator = KeyedGenerator(0, torch.arange(cfg.m * b, device=device))
+        candidates = augment_rows(cfg.augment, expand_copies(batch, cfg.m), cfg.m * b, generator, cfg.m)
+        check = getattr(cfg.view, "check", None)
+        if callable(check):
+            check(candidates)
+        num_chunks = self._maxup_num_chunks(batch, cfg.m)
+        losses = selection_losses(self.per_sample_loss, candidates, cfg, model=self, num_chunks=num_chunks)  # type: ignore[arg-type]
+        if cfg.check_finite:
+            self._maxup_finite(losses, "losses of the pre-flight check")
 
     def maxup_step(self, batch: Any) -> MaxUpOutput:
         """Run one MaxUp step on ``batch`` with this module's settings and log its statistics.
@@ -253,42 +326,55 @@ class MaxUpMixin:
         Call it from your own ``training_step`` (or manual optimisation) when you need more than the default
         ``training_step``, which returns ``self.maxup_step(batch).loss``.
         """
-        device = self.device  # type: ignore[attr-defined]
+        if not self._maxup_preflight_done:
+            self.maxup_preflight(batch)
+            self._maxup_preflight_done = True
+        cfg = self.maxup_config
         m = self.maxup_active_m
-        if m > 1 and self.maxup_augment is None and not self._maxup_warned_identity:
+        self._maxup_warn_identity(m)
+        out = maxup_step(
+            self.per_sample_loss,
+            batch,
+            cfg,
+            generator=self._maxup_next_generator(batch, m),
+            model=self,  # type: ignore[arg-type]
+            num_chunks=self._maxup_num_chunks(batch, m),
+            m=m,
+            check_finite=False,
+        )
+        if cfg.check_finite:
+            what = "candidate losses in the MaxUp selection pass" if m > 1 else "training losses"
+            self._maxup_finite(out.candidate_losses, what)
+        self._maxup_clock.selection_done(out.selection_seconds)
+        self._maxup_log(out)
+        return out
+
+    def _maxup_warn_identity(self, m: int) -> None:
+        if m > 1 and self.maxup_config.augment is None and not self._maxup_warned_identity:
             self._maxup_warned_identity = True
             rank_zero_warn(
                 f"MaxUp runs with `m`={m} but `augment` is None: every copy is the same sample, so the selection"
                 " pass costs time and changes nothing; pass an augmentation or set m=1"
             )
-        generator: Generator
-        if self.maxup_randomness == "sample":
-            generator = self.maxup_keyed_generator(batch, m, device)
-        else:
-            generator = self.maxup_generator(device)
-        out = maxup_step(
-            self.per_sample_loss,
-            batch,
-            self.maxup_augment,
-            m,
-            generator=generator,
-            model=self,  # type: ignore[arg-type]
-            selection_mode=self.maxup_selection_mode,
-            chunk_size=self.maxup_chunk_size,
-            selection_size=self.maxup_selection_size,
-            selection_view=self.maxup_selection_view,
-            check_finite=self.maxup_check_finite,
-            num_chunks=self._maxup_num_chunks(batch, m),
-            selection_dtype=self.maxup_selection_dtype,
-            selection_memory_format=self.maxup_selection_memory_format,
-        )
-        self._maxup_clock.selection_done(out.selection_seconds)
-        b = int(out.losses.shape[0])
+
+    def _maxup_log_value(self, name: str, value: Tensor | float, b: int, prog_bar: bool = False) -> None:
         log = self.log  # type: ignore[attr-defined]
-        log("maxup/worst_loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=b)
-        log("maxup/mean_loss", out.mean_candidate_loss, on_step=True, on_epoch=True, batch_size=b)
-        log("maxup/m", float(out.m), on_step=True, on_epoch=False, batch_size=b)
-        return out
+        # The step value stays on this rank (no collective per step); the epoch value is reduced over ranks.
+        log(f"maxup/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=b)
+        log(f"maxup/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
+
+    def _maxup_log(self, out: MaxUpOutput) -> None:
+        b = int(out.losses.shape[0])
+        self._maxup_log_value("loss", out.loss.detach(), b, prog_bar=True)
+        self.log("maxup/m", float(out.m), on_step=True, on_epoch=False, batch_size=b)  # type: ignore[attr-defined]
+        if out.m == 1:
+            return
+        self._maxup_log_value("worst_loss", out.worst_candidate_loss, b)
+        self._maxup_log_value("mean_loss", out.mean_candidate_loss, b)
+        self._maxup_log_value("gap", out.gap, b)
+        augment = self.maxup_config.augment
+        if isinstance(augment, GaussianNoise):
+            self._maxup_log_value("grad_norm", gradient_norm_estimate(out.candidate_losses, augment.sigma), b)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Return the MaxUp loss of ``batch`` (the mean of the per-sample worst-copy losses)."""
@@ -298,13 +384,19 @@ class MaxUpMixin:
     # Lightning hooks
     # ---------------------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """Check before the first step that the module can compute per-sample losses."""
+        """Check the module implements ``per_sample_loss`` and give every rank rank 0's seed."""
         if type(self).per_sample_loss is MaxUpMixin.per_sample_loss and type(self).training_step is (
             MaxUpMixin.training_step
         ):
             raise NotImplementedError(
                 f"{type(self).__name__} must implement `per_sample_loss(batch)` to use MaxUpMixin's training_step"
             )
+        self._maxup_preflight_done = False
+        trainer = self._maxup_trainer()
+        seed = self.maxup_resolved_seed()
+        if trainer is not None and int(getattr(trainer, "world_size", 1)) > 1:
+            seed = int(trainer.strategy.broadcast(seed, src=0))
+            self.maxup_config = self.maxup_config.replace(seed=seed)
         parent = getattr(super(), "on_fit_start", None)
         if parent is not None:
             parent()
@@ -318,8 +410,8 @@ class MaxUpMixin:
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Log the share of the step spent selecting."""
         share = self._maxup_clock.share()
-        if share is not None:
-            self.log("maxup/selection_share", share, on_step=True, on_epoch=True, batch_size=1)  # type: ignore[attr-defined]
+        if share is not None and self.maxup_active_m > 1:
+            self._maxup_log_value("selection_share", share, 1)
         parent = getattr(super(), "on_train_batch_end", None)
         if parent is not None:
             parent(outputs, batch, batch_idx)
@@ -327,7 +419,7 @@ class MaxUpMixin:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the augmentation stream's seed and position."""
         checkpoint[_CHECKPOINT_KEY] = {
-            "seed": self.maxup_seed,
+            "seed": self.maxup_resolved_seed(),
             "draws": self._maxup_draws,
             "nominal_rows": self._maxup_nominal_rows,
         }
@@ -339,9 +431,24 @@ class MaxUpMixin:
         """Restore the augmentation stream's seed and position."""
         state = checkpoint.get(_CHECKPOINT_KEY)
         if state is not None:
-            self.maxup_seed = state["seed"]
+            if state["seed"] is not None:
+                self.maxup_config = self.maxup_config.replace(seed=int(state["seed"]))
             self._maxup_draws = int(state["draws"])
             self._maxup_nominal_rows = int(state.get("nominal_rows", 0))
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
+
+
+def _option_property(name: str) -> property:
+    def get(self: MaxUpMixin) -> Any:
+        return getattr(self.maxup_config, name)
+
+    def set_(self: MaxUpMixin, value: Any) -> None:
+        self.maxup_config = self.maxup_config.replace(**{name: value})
+
+    return property(get, set_, doc=f"``maxup_config.{name}``; setting it validates and replaces the config.")
+
+
+for _option in option_names():
+    setattr(MaxUpMixin, f"maxup_{_option}", _option_property(_option))

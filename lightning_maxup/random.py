@@ -14,12 +14,13 @@ integer tensor operations on the rows' device.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Generator", "KeyedGenerator", "beta", "mix_seed", "normal", "randint", "uniform"]
+__all__ = ["Generator", "KeyedGenerator", "beta", "hash32", "mix_seed", "normal", "randint", "resolve_seed", "uniform"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
@@ -40,7 +41,22 @@ def mix_seed(*parts: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def _hash32(x: Tensor) -> Tensor:
+def resolve_seed(seed: int | None) -> int:
+    """``seed``, else ``seed_everything``'s seed (``PL_GLOBAL_SEED``), else this process's ``torch.initial_seed()``.
+
+    Under DDP the last one differs between processes; the Lightning glue broadcasts rank 0's when a fit starts.
+
+    Example:
+        >>> resolve_seed(7)
+        7
+    """
+    if seed is not None:
+        return int(seed)
+    env = os.environ.get("PL_GLOBAL_SEED")
+    return int(env) if env is not None else int(torch.initial_seed())
+
+
+def hash32(x: Tensor) -> Tensor:
     """Chris Wellons' ``lowbias32`` integer hash on int64 tensors holding 32-bit values.
 
     Wrapping int64 multiplication keeps the low 32 bits exact, and masking keeps every shift logical.
@@ -81,9 +97,9 @@ class KeyedGenerator:
             keys = keys[:, None]
         if keys.dim() != 2:
             raise ValueError(f"Expected `keys` of shape [N] or [N, K], got shape {tuple(keys.shape)}")
-        h = _hash32(torch.full_like(keys[:, 0], int(seed) & _MASK32, dtype=torch.int64))
+        h = hash32(torch.full_like(keys[:, 0], int(seed) & _MASK32, dtype=torch.int64))
         for j in range(keys.shape[1]):
-            h = _hash32(h ^ _hash32(keys[:, j].to(torch.int64) + 0x9E3779B9 * (j + 1)))
+            h = hash32(h ^ hash32(keys[:, j].to(torch.int64) + 0x9E3779B9 * (j + 1)))
         self.row_hash = h
         self.calls = 0
         self.device = keys.device
@@ -103,9 +119,9 @@ class KeyedGenerator:
         self.calls += 1
         per_row = math.prod(shape[1:])
         element = torch.arange(per_row, device=self.device, dtype=torch.int64)
-        call = _hash32(torch.tensor(self.calls * 0x85EBCA6B, device=self.device, dtype=torch.int64))
-        h = _hash32(self.row_hash[:, None] ^ call)
-        h = _hash32(h + element[None, :] * 0x27D4EB2F)
+        call = hash32(torch.tensor(self.calls * 0x85EBCA6B, device=self.device, dtype=torch.int64))
+        h = hash32(self.row_hash[:, None] ^ call)
+        h = hash32(h + element[None, :] * 0x27D4EB2F)
         return h.reshape(tuple(shape))
 
 

@@ -166,7 +166,7 @@ def test_maxup_step_with_randaugment_on_uint8_images():
 
     x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
     y = torch.randint(0, 4, (5,))
-    out = maxup_step(loss_fn, (x, y), TorchvisionAdapter(v2.RandAugment()), m=3, generator=_gen(), model=net)
+    out = maxup_step(loss_fn, (x, y), augment=TorchvisionAdapter(v2.RandAugment()), m=3, generator=_gen(), model=net)
     assert out.batch[0].dtype == torch.uint8
     out.loss.backward()
     assert out.candidate_losses.shape == (3, 5)

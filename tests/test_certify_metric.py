@@ -90,6 +90,7 @@ def test_certifier_in_test_step_matches_a_loop() -> None:
     assert single["certified_acc@0"] > 0.3
 
 
+@pytest.mark.flaky(reruns=1, only_rerun=["ProcessExitedException.*SIGABRT"])  # gloo teardown abort, conftest.py
 @pytest.mark.slow
 def test_certified_accuracy_under_ddp_equals_one_process() -> None:
     torch.multiprocessing.set_sharing_strategy("file_system")

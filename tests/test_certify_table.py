@@ -80,7 +80,10 @@ def test_read_rejects_other_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="to start with the header 'idx"):
         read_certification(bad)
     bad.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n1\t2\t3\n")
-    with pytest.raises(ValueError, match="Expected 6 tab-separated columns on line 2"):
+    with pytest.raises(ValueError, match="bad.tsv` line 2: Expected 6 tab-separated columns, got 3"):
+        read_certification(bad)
+    bad.write_text("")
+    with pytest.raises(ValueError, match="to start with the header .*, got an empty file"):
         read_certification(bad)
 
 
@@ -115,3 +118,94 @@ def test_certify_table_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "two files have the row label 'x'" in capsys.readouterr().err
     assert certify_table_main([str(path), "--labels", "mine", "--no-plot"]) == 0
     assert "<b> mine </b>| 1.00<b>*</b> |" in capsys.readouterr().out
+
+
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+GOOD = "0\t3\t3\t0.5\t1\t0:00:01.500000\n"
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        pytest.param("1\t3\t3\t0.5\t7\t0:00:01", "Expected `correct` to be 0 or 1, got '7'", id="correct-7"),
+        pytest.param("1\t3\t3\t-3.0\t1\t0:00:01", "finite number >= 0, got '-3.0'", id="radius-neg"),
+        pytest.param("1\t3\t3\tnan\t1\t0:00:01", "finite number >= 0, got 'nan'", id="radius-nan"),
+        pytest.param("1\t3\t3\tinf\t1\t0:00:01", "finite number >= 0, got 'inf'", id="radius-inf"),
+        pytest.param("1\t3\t3\tabc\t1\t0:00:01", "finite number >= 0, got 'abc'", id="radius-abc"),
+        pytest.param(
+            "1\t3\t-2\t0.0\t0\t0:00:01", "Expected `predict` to be an integer >= -1, got '-2'", id="predict-2"
+        ),
+        pytest.param(
+            "1\t3\t1.5\t0.0\t0\t0:00:01", "Expected `predict` to be an integer >= -1, got '1.5'", id="predict-float"
+        ),
+        pytest.param("1\tcat\t3\t0.0\t0\t0:00:01", "Expected `label` to be an integer >= 0, got 'cat'", id="label"),
+        pytest.param("x\t3\t3\t0.5\t1\t0:00:01", "Expected `idx` to be an integer >= 0, got 'x'", id="idx"),
+        pytest.param("1\t3\t3\t0.5\t1\t-1 day, 23:59:59", "Expected `time` to be a duration >= 0", id="time-negative"),
+        pytest.param("1\t3\t3\t0.5\t1\t-0.5", "Expected `time` to be a duration >= 0", id="time-negative-seconds"),
+        pytest.param("1\t3\t3\t0.5\t1\tsoon", "(H:MM:SS.ffffff or seconds), got 'soon'", id="time-text"),
+        pytest.param(
+            "1\t3\t4\t0.5\t1\t0:00:01",
+            "to be 1 exactly where `predict` == `label`, got '1' with predict=4",
+            id="correct-inconsistent",
+        ),
+        pytest.param("1\t3\t3\t0.5\t1", "Expected 6 tab-separated columns, got 5", id="columns"),
+        pytest.param(
+            "0\t3\t3\t0.5\t1\t0:00:01", "Expected each `idx` once, got 0 again (first on line 2)", id="duplicate-idx"
+        ),
+    ],
+)
+def test_certify_table_rejects_invalid_rows(
+    row: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "cert_sigma_0.25.tsv"
+    path.write_text(HEADER + GOOD + "\n" + row + "\n" + GOOD.replace("0\t", "2\t", 1))
+    assert certify_table_main([str(path), "--no-plot"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.splitlines()
+    assert len(err) == 1, captured.err
+    assert err[0].startswith(f"lightning-maxup certify-table: error: `{path}` line 4: ")  # the blank line counts
+    assert message in err[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(HEADER, "to hold at least one row, got only the header", id="header-only"),
+        pytest.param("", "to start with the header 'idx\\tlabel", id="empty"),
+        pytest.param(GOOD, "to start with the header 'idx\\tlabel", id="no-header"),
+    ],
+)
+def test_certify_table_rejects_files_without_rows(
+    content: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.tsv"
+    path.write_text(content)
+    assert certify_table_main([str(path), "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{path}" in err
+    assert message in err
+
+
+def test_certify_table_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope_sigma_0.50.tsv"
+    assert certify_table_main([str(missing), "--no-plot"]) == 2
+    assert capsys.readouterr().err == f"lightning-maxup certify-table: error: no such file: {str(missing)!r}\n"
+
+
+def test_certify_table_prints_row_counts_and_warns_when_they_differ(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full, part = tmp_path / "a_sigma_0.25.tsv", tmp_path / "b_sigma_0.50.tsv"
+    write_certification(full, [0, 1, 2], [1, 1, 1], [1, 1, -1], [0.3, 0.6, 0.0], [0.1] * 3)
+    write_certification(part, [0], [1], [1], [0.9], [0.1])
+    assert certify_table_main([str(full), "--no-plot"]) == 0
+    assert capsys.readouterr().err == f"{full}: 3 rows\n"
+    assert certify_table_main([str(full), str(part), "--no-plot"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == [f"{full}: 3 rows", f"{part}: 1 rows"]
+    assert (
+        err[2]
+        == f"warning: the files differ in row count ({full}: 3, {part}: 1); their columns certify different inputs"
+    )

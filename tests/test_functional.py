@@ -16,8 +16,8 @@ from lightning_maxup.functional import (
     gather_rows,
     maxup_step,
     select_worst,
-    selection_context,
 )
+from lightning_maxup._state import preserved
 
 
 def _mlp() -> nn.Module:
@@ -88,8 +88,7 @@ def test_step_matches_loop_reference(m, chunk_size):
     net = _mlp()
     ref_net = copy.deepcopy(net)
     batch = _batch()
-    out = maxup_step(
-        _loss_fn(net), batch, GaussianNoise(0.8), m,
+    out = maxup_step(_loss_fn(net), batch, augment=GaussianNoise(0.8), m=m,
         generator=torch.Generator().manual_seed(3), model=net, chunk_size=chunk_size,
     )  # fmt: skip
     losses, selected, worst_x, worst_y = _reference(ref_net, batch, 0.8, m, seed=3)
@@ -128,8 +127,7 @@ def test_selection_leaves_batchnorm_statistics_untouched(mode):
     net = _bn_net()
     twin = copy.deepcopy(net)
     batch = _batch(6)
-    out = maxup_step(
-        _loss_fn(net), batch, GaussianNoise(0.5), 4,
+    out = maxup_step(_loss_fn(net), batch, augment=GaussianNoise(0.5), m=4,
         generator=torch.Generator().manual_seed(0), model=net, selection_mode=mode,
     )  # fmt: skip
     # The twin sees only the gradient forward on the same worst copies: statistics must match exactly.
@@ -145,7 +143,7 @@ def test_selection_leaves_batchnorm_statistics_untouched(mode):
 
 def test_selection_keeps_no_graph():
     net = _mlp()
-    out = maxup_step(_loss_fn(net), _batch(), GaussianNoise(0.5), 3, model=net)
+    out = maxup_step(_loss_fn(net), _batch(), augment=GaussianNoise(0.5), m=3, model=net)
     assert not out.candidate_losses.requires_grad
     assert out.candidate_losses.grad_fn is None
     assert out.loss.requires_grad
@@ -157,12 +155,12 @@ def test_selection_modes_differ_and_restore_model_mode():
     # Drift the running statistics away from the batch statistics so the two modes give different losses.
     net[1].running_mean.fill_(3.0)
     kwargs = {"generator": None, "model": net}
-    evals = maxup_step(_loss_fn(net), batch, None, 2, selection_mode="eval", **kwargs).candidate_losses
+    evals = maxup_step(_loss_fn(net), batch, augment=None, m=2, selection_mode="eval", **kwargs).candidate_losses
     net[1].running_mean.fill_(3.0)
-    trains = maxup_step(_loss_fn(net), batch, None, 2, selection_mode="train", **kwargs).candidate_losses
+    trains = maxup_step(_loss_fn(net), batch, augment=None, m=2, selection_mode="train", **kwargs).candidate_losses
     assert not torch.allclose(evals, trains)
     net.eval()
-    maxup_step(_loss_fn(net), batch, None, 2, model=net, selection_mode="train")
+    maxup_step(_loss_fn(net), batch, augment=None, m=2, model=net, selection_mode="train")
     assert not any(mod.training for mod in net.modules())
 
 
@@ -170,11 +168,10 @@ def test_eval_mode_selection_is_independent_of_chunking():
     net = _bn_net()
     batch = _batch(6)
     whole = maxup_step(
-        _loss_fn(net), batch, GaussianNoise(0.5), 4, generator=torch.Generator().manual_seed(2), model=net
+        _loss_fn(net), batch, augment=GaussianNoise(0.5), m=4, generator=torch.Generator().manual_seed(2), model=net
     )
     net2 = _bn_net()
-    chunked = maxup_step(
-        _loss_fn(net2), batch, GaussianNoise(0.5), 4,
+    chunked = maxup_step(_loss_fn(net2), batch, augment=GaussianNoise(0.5), m=4,
         generator=torch.Generator().manual_seed(2), model=net2, chunk_size=5,
     )  # fmt: skip
     assert torch.allclose(whole.candidate_losses, chunked.candidate_losses, atol=1e-6)
@@ -196,7 +193,9 @@ def test_m1_is_exactly_ordinary_augmentation():
     net = _mlp()
     batch = _batch()
     counter = _Counting(net)
-    out = maxup_step(counter, batch, GaussianNoise(0.3), 1, generator=torch.Generator().manual_seed(9), model=net)
+    out = maxup_step(
+        counter, batch, augment=GaussianNoise(0.3), m=1, generator=torch.Generator().manual_seed(9), model=net
+    )
     assert counter.calls == [((5, 1, 4, 4), True)], "m=1 must run one forward with gradient and no selection"
     x_aug, y_aug = GaussianNoise(0.3)(batch, generator=torch.Generator().manual_seed(9))
     assert torch.equal(out.batch[0], x_aug)
@@ -207,7 +206,7 @@ def test_m1_is_exactly_ordinary_augmentation():
 def test_chunks_bound_the_selection_forward():
     net = _mlp()
     counter = _Counting(net)
-    maxup_step(counter, _batch(5), GaussianNoise(0.3), 4, model=net, chunk_size=6)
+    maxup_step(counter, _batch(5), augment=GaussianNoise(0.3), m=4, model=net, chunk_size=6)
     selection = [shape[0] for shape, grad in counter.calls if not grad]
     assert selection == [6, 6, 6, 2]
     assert [shape[0] for shape, grad in counter.calls if grad] == [5]
@@ -230,7 +229,13 @@ def test_low_resolution_selection_uses_small_view_and_full_gradient_pass():
     batch = (torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g))
     counter = _Counting(net)
     out = maxup_step(
-        counter, batch, GaussianNoise(0.5), 3, generator=torch.Generator().manual_seed(4), model=net, selection_size=16
+        counter,
+        batch,
+        augment=GaussianNoise(0.5),
+        m=3,
+        generator=torch.Generator().manual_seed(4),
+        model=net,
+        selection_size=16,
     )
     assert counter.calls == [((12, 3, 16, 16), False), ((4, 3, 32, 32), True)]
     # Reference: select on the antialiased 16 px view of the same candidates.
@@ -249,27 +254,27 @@ def test_low_resolution_error_names_selection_size():
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
     batch = (torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="`selection_size`=16"):
-        maxup_step(_loss_fn(net), batch, GaussianNoise(0.1), 2, model=net, selection_size=16)
+        maxup_step(_loss_fn(net), batch, augment=GaussianNoise(0.1), m=2, model=net, selection_size=16)
 
 
 def test_selection_size_without_images_is_an_error():
     net = nn.Linear(4, 3)
-    with pytest.raises(ValueError, match="`selection_size` resizes images"):
-        maxup_step(_loss_fn(net), (torch.rand(2, 4), torch.tensor([0, 1])), None, 2, selection_size=2)
+    with pytest.raises(ValueError, match="`selection_size`=2 resizes images"):
+        maxup_step(_loss_fn(net), (torch.rand(2, 4), torch.tensor([0, 1])), m=2, selection_size=2)
 
 
 def test_custom_selection_view_is_used_for_selection_only():
     net = _ConvNet()
     counter = _Counting(net)
     batch = (torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
-    maxup_step(counter, batch, GaussianNoise(0.1), 2, selection_view=lambda b: (b[0][:, :, :4, :4], b[1]))
+    maxup_step(counter, batch, augment=GaussianNoise(0.1), m=2, selection_view=lambda b: (b[0][:, :, :4, :4], b[1]))
     assert counter.calls == [((4, 3, 4, 4), False), ((2, 3, 8, 8), True)]
 
 
 @pytest.mark.parametrize("m", [0, -1, 1.5, True, "4", None])
 def test_bad_m(m):
     with pytest.raises(ValueError, match=r"Expected `m` to be a positive integer, got"):
-        maxup_step(_loss_fn(_mlp()), _batch(), None, m)
+        maxup_step(_loss_fn(_mlp()), _batch(), m=m)
 
 
 @pytest.mark.parametrize(
@@ -278,12 +283,12 @@ def test_bad_m(m):
 )
 def test_bad_optional_sizes(name, value):
     with pytest.raises(ValueError, match=rf"Expected `{name}` to be a positive integer or None, got {value}"):
-        maxup_step(_loss_fn(_mlp()), _batch(), None, 2, **{name: value})
+        maxup_step(_loss_fn(_mlp()), _batch(), m=2, **{name: value})
 
 
 def test_bad_selection_mode():
-    with pytest.raises(ValueError, match="Expected `selection_mode` to be 'eval' or 'train', got 'test'"):
-        maxup_step(_loss_fn(_mlp()), _batch(), None, 2, model=_mlp(), selection_mode="test")
+    with pytest.raises(ValueError, match="Expected `selection_mode` to be one of 'eval', 'train', got 'test'"):
+        maxup_step(_loss_fn(_mlp()), _batch(), m=2, model=_mlp(), selection_mode="test")
 
 
 @pytest.mark.parametrize(
@@ -297,7 +302,7 @@ def test_bad_selection_mode():
 )
 def test_loss_shape_errors(loss_fn, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        maxup_step(loss_fn, _batch(), None, 2)
+        maxup_step(loss_fn, _batch(), augment=None, m=2)
 
 
 def test_loss_shape_error_names_the_hook():
@@ -305,7 +310,7 @@ def test_loss_shape_error_names_the_hook():
         return batch[0].mean()
 
     with pytest.raises(ValueError, match="`per_sample_loss` must return a 1-D tensor"):
-        maxup_step(per_sample_loss, _batch(), None, 2)
+        maxup_step(per_sample_loss, _batch(), augment=None, m=2)
 
 
 def test_augmentation_changing_batch_size_is_an_error():
@@ -313,7 +318,7 @@ def test_augmentation_changing_batch_size_is_an_error():
         return batch[0][1:], batch[1][1:]
 
     with pytest.raises(ValueError, match=r"`augment` must keep the number of rows: given 10 rows \(2 copies x 5"):
-        maxup_step(_loss_fn(_mlp()), _batch(), drop_one, 2)
+        maxup_step(_loss_fn(_mlp()), _batch(), augment=drop_one, m=2)
 
 
 def test_non_finite_candidates_are_counted():
@@ -325,13 +330,13 @@ def test_non_finite_candidates_are_counted():
         return out
 
     with pytest.raises(FloatingPointError, match="3 of 10 candidate losses"):
-        maxup_step(loss_fn, _batch(), None, 2)
+        maxup_step(loss_fn, _batch(), augment=None, m=2)
 
 
 def test_selection_context_restores_mixed_modes():
     net = _bn_net()
     net[1].eval()
-    with selection_context(net, "eval"):
+    with preserved(net, "eval"):
         assert not any(mod.training for mod in net.modules())
     assert net.training
     assert not net[1].training
@@ -350,10 +355,9 @@ def test_bf16_channels_last_selection_picks_nearly_the_same_copies():
     dtypes = []
     net.conv.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
     full = maxup_step(
-        _loss_fn(net), batch, GaussianNoise(1.0), 4, generator=torch.Generator().manual_seed(1), model=net
+        _loss_fn(net), batch, augment=GaussianNoise(1.0), m=4, generator=torch.Generator().manual_seed(1), model=net
     )
-    fast = maxup_step(
-        _loss_fn(net), batch, GaussianNoise(1.0), 4, generator=torch.Generator().manual_seed(1), model=net,
+    fast = maxup_step(_loss_fn(net), batch, augment=GaussianNoise(1.0), m=4, generator=torch.Generator().manual_seed(1), model=net,
         selection_dtype=torch.bfloat16, selection_memory_format=torch.channels_last,
     )  # fmt: skip
     assert dtypes == [torch.float32, torch.float32, torch.bfloat16, torch.float32]
@@ -375,4 +379,4 @@ def test_bf16_channels_last_selection_picks_nearly_the_same_copies():
 )
 def test_bad_selection_precision(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        maxup_step(_loss_fn(_mlp()), _batch(), None, 2, **kwargs)
+        maxup_step(_loss_fn(_mlp()), _batch(), m=2, **kwargs)

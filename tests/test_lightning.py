@@ -94,16 +94,18 @@ def _params(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_mixin_without_callback_runs_maxup_from_the_first_step():
     model = Lit(m=3)
     _trainer(max_epochs=1).fit(model, _loader())
-    first_step = model.forwards[:2]
+    preflight, first_step = model.forwards[:1], model.forwards[1:3]
+    assert preflight == [(0, 24, False)]  # the first batch's 3 x 8 candidates through the selection pass
     assert first_step == [(0, 24, False), (0, 8, True)]
-    assert sum(1 for f in model.forwards if not f[2]) == 6  # one selection forward per step
+    assert sum(1 for f in model.forwards[1:] if not f[2]) == 6  # one selection forward per step
 
 
 def test_callback_warms_up_then_runs_maxup_with_its_m():
     model = Lit(m=3)
     _trainer(max_epochs=3, callbacks=[MaxUp(warmup_epochs=2, m=5)]).fit(model, _loader())
+    assert model.forwards[:1] == [(0, 40, False)], "the pre-flight check runs during warm-up, with the MaxUp m"
     for epoch in range(3):
-        rows = [(r, g) for e, r, g in model.forwards if e == epoch]
+        rows = [(r, g) for e, r, g in model.forwards[1:] if e == epoch]
         if epoch < 2:
             assert rows == [(8, True)] * 6, f"epoch {epoch} must be ordinary augmentation"
         else:
@@ -118,7 +120,7 @@ def test_callback_sets_selection_size():
     _trainer(max_epochs=1, limit_train_batches=1, callbacks=[MaxUp(warmup_epochs=0, selection_size=4)]).fit(
         model, _loader()
     )
-    assert shapes == [(4, 4), (8, 8)]
+    assert shapes == [(4, 4), (4, 4), (8, 8)]  # pre-flight through the 4 px view, then the step
 
 
 def test_logs_worst_loss_mean_loss_and_selection_share():
@@ -126,9 +128,11 @@ def test_logs_worst_loss_mean_loss_and_selection_share():
     trainer = _trainer(max_epochs=1)
     trainer.fit(model, _loader())
     metrics = trainer.callback_metrics
-    for key in ("maxup/worst_loss_step", "maxup/mean_loss_step", "maxup/selection_share_step", "maxup/m"):
+    for key in ("maxup/worst_loss", "maxup/mean_loss", "maxup/gap", "maxup/selection_share", "maxup/m"):
         assert key in metrics, f"{key} not logged; got {sorted(metrics)}"
-    share = float(metrics["maxup/selection_share_step"])
+        if key != "maxup/m":
+            assert f"{key}_epoch" in metrics, f"{key}_epoch not logged; got {sorted(metrics)}"
+    share = float(metrics["maxup/selection_share"])
     assert 0.0 < share < 1.0
     assert float(metrics["maxup/m"]) == 4.0
 

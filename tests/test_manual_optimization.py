@@ -48,7 +48,7 @@ def _reference(clip: float | None) -> nn.Module:
 
     for step, batch in enumerate(_loader()):
         g = torch.Generator().manual_seed(mix_seed(SEED, 0, step))
-        out = maxup_step(loss_fn, batch, GaussianNoise(0.5), M, generator=g, model=net)
+        out = maxup_step(loss_fn, batch, augment=GaussianNoise(0.5), m=M, generator=g, model=net)
         opt.zero_grad()
         out.loss.backward()
         if clip is not None:

@@ -271,7 +271,7 @@ def test_maxup_step_selects_on_subset_and_backpropagates_full_clouds():
 
     x, y = torch.randn(4, 128, 3), torch.randint(0, 3, (4,))
     augment = Compose([RandomPointRotation(), RandomPointScale(), PointJitter()])
-    out = maxup_step(loss_fn, (x, y), augment, m=3, generator=_gen(), model=net, selection_view=PointSubset(32))
+    out = maxup_step(loss_fn, (x, y), augment=augment, m=3, generator=_gen(), model=net, selection_view=PointSubset(32))
     assert seen == [32, 128]
     assert out.batch[0].shape == (4, 128, 3)
     out.loss.backward()

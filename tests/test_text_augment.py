@@ -161,7 +161,9 @@ def test_maxup_reuses_the_worst_copys_mask_in_the_gradient_pass():
         calls.append(scale.clone())
         return F.cross_entropy(net(x, scale).transpose(1, 2), y, reduction="none").mean(1)
 
-    out = maxup_step(loss_fn, (tokens, tokens), WordEmbeddingDropout(0.5, vocab), m=3, generator=_gen(), model=net)
+    out = maxup_step(
+        loss_fn, (tokens, tokens), augment=WordEmbeddingDropout(0.5, vocab), m=3, generator=_gen(), model=net
+    )
     candidates, gradient_pass = calls
     worst_rows = out.selected * 4 + torch.arange(4)
     assert torch.equal(gradient_pass, candidates[worst_rows])

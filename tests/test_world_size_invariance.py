@@ -57,7 +57,7 @@ def test_sample_randomness_needs_sample_index() -> None:
 
 
 def test_randomness_validated() -> None:
-    with pytest.raises(ValueError, match="Expected `randomness` to be 'rank' or 'sample', got 'step'"):
+    with pytest.raises(ValueError, match="Expected `randomness` to be one of 'rank', 'sample', got 'step'"):
         _Lit(randomness="step")
 
 
@@ -108,6 +108,7 @@ def _fit(out: Path, devices: int, batch_size: int) -> dict[str, Any]:
     return ranks[0]
 
 
+@pytest.mark.flaky(reruns=1, only_rerun=["ProcessExitedException.*SIGABRT"])  # gloo teardown abort, conftest.py
 @pytest.mark.slow
 @pytest.mark.usefixtures("file_system_sharing")
 def test_two_ranks_half_batch_match_one_process_full_batch(tmp_path: Path) -> None:

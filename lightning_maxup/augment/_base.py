@@ -12,39 +12,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor
-
+from lightning_maxup.batch import batch_size, replace_inputs, split_inputs
 from lightning_maxup.random import Generator
+
+__all__ = ["Augmentation", "Compose", "Params", "num_rows", "replace_inputs", "split_inputs"]
 
 Params = dict[str, Any]
 
 
-def split_inputs(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """Return ``(x, y)`` of a built-in batch: a tensor ``x`` or a tuple/list ``(x, y, *rest)``."""
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], Tensor):
-        y = batch[1] if len(batch) >= 2 and isinstance(batch[1], Tensor) else None
-        return batch[0], y
-    raise TypeError(
-        f"Built-in augmentations take a tensor `x` or a tuple `(x, y, ...)` of tensors, got {type(batch).__name__}"
-    )
-
-
-def replace_inputs(batch: Any, x: Tensor, y: Tensor | None = None) -> Any:
-    """Return a new batch of the same container type with ``x`` (and ``y``, if given) replaced."""
-    if isinstance(batch, Tensor):
-        return x
-    items = list(batch)
-    items[0] = x
-    if y is not None:
-        items[1] = y
-    return type(batch)(items) if isinstance(batch, tuple) else items
-
-
 def num_rows(batch: Any) -> int:
-    """Number of rows (samples) in a built-in batch."""
-    return int(split_inputs(batch)[0].shape[0])
+    """Number of rows (samples) in a batch."""
+    return batch_size(batch)
 
 
 class Augmentation(ABC):

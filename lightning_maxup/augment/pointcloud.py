@@ -25,7 +25,8 @@ from torch import Tensor
 
 from lightning_maxup import random as lr
 from lightning_maxup.augment._base import Augmentation, Params, replace_inputs, split_inputs
-from lightning_maxup.random import Generator, KeyedGenerator, _hash32
+from lightning_maxup.random import Generator
+from lightning_maxup.views import PointSubset, check_points, farthest_point_sample
 
 __all__ = [
     "PointGaussianNoise",
@@ -39,14 +40,6 @@ __all__ = [
 
 Axis = Literal["x", "y", "z"]
 _AXES = {"x": 0, "y": 1, "z": 2}
-
-
-def _check_points(x: Tensor, name: str) -> int:
-    if x.dim() != 3 or x.shape[-1] != 3:
-        raise ValueError(f"{name} expects point clouds of shape [N, P, 3], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} expects floating-point coordinates, got dtype {x.dtype}")
-    return int(x.shape[1])
 
 
 def _positive(value: float, name: str) -> float:
@@ -78,13 +71,13 @@ class PointJitter(Augmentation):
     def sample(self, batch: Any, generator: Generator | None = None) -> Params:
         """Draw one standard normal tensor of the clouds' shape."""
         x, _ = split_inputs(batch)
-        _check_points(x, "PointJitter")
+        check_points(x, "PointJitter")
         return {"noise": lr.normal(tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)}
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Add the clipped, scaled noise."""
         x, _ = split_inputs(batch)
-        _check_points(x, "PointJitter")
+        check_points(x, "PointJitter")
         return replace_inputs(batch, x + (self.sigma * params["noise"]).clamp(-self.clip, self.clip))
 
 
@@ -116,7 +109,7 @@ class PointGaussianNoise(Augmentation):
     def sample(self, batch: Any, generator: Generator | None = None) -> Params:
         """Draw each cloud's standard deviation and a standard normal tensor of the clouds' shape."""
         x, _ = split_inputs(batch)
-        _check_points(x, "PointGaussianNoise")
+        check_points(x, "PointGaussianNoise")
         u = lr.uniform((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
         noise = lr.normal(tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)
         return {"sigma": self.min_sigma + (self.sigma - self.min_sigma) * u, "noise": noise}
@@ -124,7 +117,7 @@ class PointGaussianNoise(Augmentation):
     def apply(self, batch: Any, params: Params) -> Any:
         """Add ``sigma[i] * noise[i]`` to cloud ``i``."""
         x, _ = split_inputs(batch)
-        _check_points(x, "PointGaussianNoise")
+        check_points(x, "PointGaussianNoise")
         return replace_inputs(batch, x + params["sigma"].to(x.dtype)[:, None, None] * params["noise"])
 
 
@@ -153,14 +146,14 @@ class RandomPointScale(Augmentation):
     def sample(self, batch: Any, generator: Generator | None = None) -> Params:
         """Draw each cloud's factor (``[N, 1]``), or three factors (``[N, 3]``) when anisotropic."""
         x, _ = split_inputs(batch)
-        _check_points(x, "RandomPointScale")
+        check_points(x, "RandomPointScale")
         u = lr.uniform((x.shape[0], 3 if self.anisotropic else 1), generator=generator, device=x.device, dtype=x.dtype)
         return {"scale": self.low + (self.high - self.low) * u}
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Multiply each cloud's coordinates by its factor(s)."""
         x, _ = split_inputs(batch)
-        _check_points(x, "RandomPointScale")
+        check_points(x, "RandomPointScale")
         return replace_inputs(batch, x * params["scale"].to(x.dtype)[:, None, :])
 
 
@@ -213,110 +206,17 @@ class RandomPointRotation(Augmentation):
     def sample(self, batch: Any, generator: Generator | None = None) -> Params:
         """Draw each cloud's angle."""
         x, _ = split_inputs(batch)
-        _check_points(x, "RandomPointRotation")
+        check_points(x, "RandomPointRotation")
         u = lr.uniform((x.shape[0],), generator=generator, device=x.device, dtype=torch.float64)
         return {"angle": (2.0 * u - 1.0) * self.max_angle}
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Rotate every cloud by its angle with one batched matrix product."""
         x, _ = split_inputs(batch)
-        _check_points(x, "RandomPointRotation")
+        check_points(x, "RandomPointRotation")
         r = rotation_matrices(params["angle"], self.axis).to(device=x.device, dtype=x.dtype)
         out = torch.bmm(x, r.transpose(1, 2))
         # The up coordinate is unchanged by construction; copy it exactly rather than through a rounded product.
         a = _AXES[self.axis]
         out = torch.cat([out[..., :a], x[..., a : a + 1], out[..., a + 1 :]], dim=-1)
         return replace_inputs(batch, out)
-
-
-def _content_keys(x: Tensor) -> Tensor:
-    """One 32-bit hash per cloud of its coordinates' bit patterns (order-sensitive), as int64 ``[N]``."""
-    bits = x.detach().to(torch.float32).contiguous().view(torch.int32).reshape(x.shape[0], -1).to(torch.int64)
-    position = torch.arange(bits.shape[1], device=x.device, dtype=torch.int64)
-    h = _hash32(bits ^ _hash32(position * 0x9E3779B9 + 1)[None, :])
-    # A sum of per-element hashes modulo 2**32: cheap, and any single changed coordinate changes the key.
-    return h.sum(dim=1) & 0xFFFFFFFF
-
-
-def farthest_point_sample(x: Tensor, k: int) -> Tensor:
-    """Indices ``[N, k]`` of ``k`` points per cloud chosen by farthest-point sampling, starting at point 0.
-
-    Deterministic; ``k`` sequential steps of ``O(N * P)`` work each (PointNet++'s sampling layer).
-
-    Example:
-        >>> pts = torch.tensor([[[0.0, 0, 0], [0.1, 0, 0], [5.0, 0, 0], [2.4, 0, 0]]])
-        >>> farthest_point_sample(pts, 3).tolist()
-        [[0, 2, 3]]
-    """
-    n, p = x.shape[0], x.shape[1]
-    if not 1 <= k <= p:
-        raise ValueError(f"Expected `k` in [1, {p}] (the number of points), got {k!r}")
-    idx = torch.zeros(n, k, dtype=torch.long, device=x.device)
-    dist = torch.full((n, p), float("inf"), dtype=x.dtype, device=x.device)
-    rows = torch.arange(n, device=x.device)
-    last = torch.zeros(n, dtype=torch.long, device=x.device)
-    for j in range(1, k):
-        d = (x - x[rows, last][:, None, :]).pow(2).sum(-1)
-        dist = torch.minimum(dist, d)
-        last = dist.argmax(dim=1)
-        idx[:, j] = last
-    return idx
-
-
-class PointSubset:
-    """Selection view: keep ``k`` points of each cloud, so MaxUp's selection pass is cheaper.
-
-    Use it as ``selection_view=PointSubset(k)`` of :func:`~lightning_maxup.maxup_step` or
-    :class:`~lightning_maxup.MaxUpMixin`: the ``m * B`` candidates are scored on ``k`` points each, and the
-    worst copy is back-propagated with all its points, as the paper scores low-resolution images (Sec. 4).
-
-    ``selection_view`` receives only the batch, so ``"random"`` derives each cloud's subset deterministically
-    from the cloud itself: a hash of its coordinates (and ``seed``) keys a
-    :class:`~lightning_maxup.random.KeyedGenerator`. The view is therefore stateless and replayable, needs nothing
-    saved in checkpoints, draws the same subset for a cloud on any rank and any batch split, and gives differently
-    augmented copies of a sample different subsets. ``"fps"`` takes farthest-point samples instead (deterministic,
-    better coverage, ``k`` sequential steps).
-
-    Args:
-        k: Points kept per cloud; clouds with at most ``k`` points are returned unchanged.
-        method: ``"random"`` (uniform subset without replacement) or ``"fps"`` (farthest-point sampling).
-        seed: Mixed into the content hash of ``"random"``.
-
-    Example:
-        >>> x, y = torch.randn(6, 1024, 3), torch.zeros(6, dtype=torch.long)
-        >>> view = PointSubset(256)
-        >>> sub, _ = view((x, y))
-        >>> sub.shape, torch.equal(view((x, y))[0], sub)
-        (torch.Size([6, 256, 3]), True)
-    """
-
-    def __init__(self, k: int, method: Literal["random", "fps"] = "random", seed: int = 0) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"Expected `k` to be a positive integer, got {k!r}")
-        if method not in ("random", "fps"):
-            raise ValueError(f"Expected `method` to be 'random' or 'fps', got {method!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Expected `seed` to be an integer, got {seed!r}")
-        self.k = k
-        self.method = method
-        self.seed = seed
-
-    def indices(self, x: Tensor) -> Tensor:
-        """The kept points' indices ``[N, k]`` of each cloud, in increasing order."""
-        p = _check_points(x, "PointSubset")
-        if self.method == "fps":
-            return farthest_point_sample(x, self.k).sort(dim=1).values
-        u = lr.uniform((x.shape[0], p), generator=KeyedGenerator(self.seed, _content_keys(x)), device=x.device)
-        return u.topk(self.k, dim=1).indices.sort(dim=1).values
-
-    def __call__(self, batch: Any) -> Any:
-        """Return the batch with each cloud reduced to ``k`` of its points (other tensors unchanged)."""
-        x, _ = split_inputs(batch)
-        p = _check_points(x, "PointSubset")
-        if p <= self.k:
-            return batch
-        idx = self.indices(x)
-        return replace_inputs(batch, x.gather(1, idx[:, :, None].expand(-1, -1, 3)))
-
-    def __repr__(self) -> str:
-        return f"PointSubset(k={self.k}, method={self.method!r}, seed={self.seed})"

@@ -16,7 +16,6 @@ The three recipes of the MaxUp paper's certified-robustness experiment (Gong et 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_maxup import random as lr
-from lightning_maxup.random import mix_seed
+from lightning_maxup._state import modes_restored
 from lightning_maxup.augment import GaussianNoise
 from lightning_maxup.callback import MaxUp
 from lightning_maxup.certify.functional import (
@@ -43,6 +42,7 @@ from lightning_maxup.certify.metric import TABLE_RADII, CertifiedAccuracy
 from lightning_maxup.certify.smoothing import Smooth
 from lightning_maxup.models import MaxUpClassifier
 from lightning_maxup.models.classifier import Classifier
+from lightning_maxup.random import mix_seed, resolve_seed
 
 __all__ = [
     "MAXUP_GAUSS_M_GRID",
@@ -56,6 +56,8 @@ __all__ = [
     "gaussian_classifier",
     "maxup_gauss_classifier",
 ]
+
+_CHECKPOINT_KEY = "lightning_maxup_smoothadv"
 
 #: σ values of Cohen et al.'s and the MaxUp paper's CIFAR-10 experiments.
 SIGMA_GRID: tuple[float, ...] = (0.12, 0.25, 0.5, 1.0)
@@ -158,6 +160,8 @@ class SmoothAdvClassifier(Classifier):
         super().__init__(backbone, num_classes, optimizer=optimizer, lr=lr)
         self.save_hyperparameters(ignore=["backbone"])
         self._generator: torch.Generator | None = None
+        self._seed: int | None = None
+        self._draws = 0
 
     def current_epsilon(self) -> float:
         """The attack radius of the current epoch (linear warm-up over ``warmup_epochs``)."""
@@ -169,17 +173,32 @@ class SmoothAdvClassifier(Classifier):
 
     def _noise_generator(self) -> torch.Generator:
         hp: Any = self.hparams
-        seed = hp.seed
-        if seed is None:
-            env = os.environ.get("PL_GLOBAL_SEED")
-            seed = int(env) if env is not None else int(torch.initial_seed())
+        if self._seed is None:
+            self._seed = resolve_seed(hp.seed)
         if self._generator is None or self._generator.device.type != self.device.type:
             self._generator = torch.Generator(device=self.device)
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        step = self.trainer.global_step if self._trainer is not None else 0
-        # A function of (seed, rank, step) only, so a resumed run draws what the uninterrupted run drew.
-        self._generator.manual_seed(mix_seed(seed, rank, step))
+        # Keyed by a counter of training steps (micro-batches, not optimizer steps), saved in checkpoints: every
+        # micro-batch draws fresh noise under gradient accumulation, and a resumed run draws what the
+        # uninterrupted run drew.
+        self._generator.manual_seed(mix_seed(self._seed, rank, self._draws))
+        self._draws += 1
         return self._generator
+
+    def on_fit_start(self) -> None:
+        """Give every rank rank 0's noise seed."""
+        seed = resolve_seed(self._seed if self._seed is not None else self.hparams.seed)  # type: ignore[attr-defined]
+        self._seed = int(self.trainer.strategy.broadcast(seed, src=0)) if self.trainer.world_size > 1 else seed
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the noise stream's seed and position."""
+        checkpoint[_CHECKPOINT_KEY] = {"seed": self._seed, "draws": self._draws}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the noise stream's seed and position."""
+        state = checkpoint.get(_CHECKPOINT_KEY)
+        if state is not None:
+            self._seed, self._draws = state["seed"], int(state["draws"])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Attack the smoothed classifier, then minimise the cross-entropy of every noisy adversarial copy."""
@@ -191,14 +210,8 @@ class SmoothAdvClassifier(Classifier):
         )
         eps = self.current_epsilon()
         if eps > 0:
-            modes = [(mod, mod.training) for mod in self.backbone.modules()]
-            self.backbone.eval()
-            try:
-                with torch.enable_grad():
-                    x = smooth_adv_attack(self.backbone, x, y, noise, eps, int(hp.steps))
-            finally:
-                for mod, training in modes:
-                    mod.training = training
+            with modes_restored(self.backbone, "eval"), torch.enable_grad():
+                x = smooth_adv_attack(self.backbone, x, y, noise, eps, int(hp.steps))
         logits = self((x[None] + noise).reshape(m * b, *x.shape[1:]))
         loss = F.cross_entropy(logits, y.repeat(m))
         self.log("train/loss", loss, prog_bar=True, batch_size=b)

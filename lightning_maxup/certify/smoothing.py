@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
+from lightning_maxup._validation import precision
 from lightning_maxup.certify.functional import (
     _ESTIMATION,
     _PREDICTION,
@@ -52,6 +53,33 @@ def _inference(model: nn.Module | Callable[[Tensor], Tensor]) -> Iterator[None]:
             mod.training = training
 
 
+class _ReducedPrecision:
+    """The base classifier run on ``memory_format`` inputs under ``torch.autocast(dtype)``; logits come back fp32.
+
+    Only 4-D floating inputs (images) change memory format, as in the MaxUp selection pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[Tensor], Tensor],
+        dtype: torch.dtype | None,
+        memory_format: torch.memory_format | None,
+    ) -> None:
+        self.model = model
+        self.dtype = None if dtype == torch.float32 else dtype
+        self.memory_format = memory_format
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.memory_format is not None and x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
+        if self.dtype is None:
+            return self.model(x)
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            logits = self.model(x)
+        # Exact (bf16 and fp16 values are fp32 values): no argmax changes, and callers see fp32 logits as before.
+        return logits.float()
+
+
 class Smooth:
     """A smoothed classifier ``g(x) = argmax_c P(f(x + ε) = c)``, ``ε ~ N(0, σ² I)`` (Cohen et al., 2019).
 
@@ -60,11 +88,22 @@ class Smooth:
     Noise is drawn on the input's device from the ``generator`` you pass (seed it for reproducible results),
     or, with ``keys``, from per-input keyed streams that do not depend on batching or on the process.
 
+    ``dtype`` and ``memory_format`` make the noisy forwards cheaper, with the names and meaning of the MaxUp
+    selection pass's ``selection_dtype`` and ``selection_memory_format``. The noise, the counts and the statistics
+    stay in the input's precision, so the guarantee keeps its form, but it is a guarantee about **the classifier that
+    was run**: the smoothed version of the reduced-precision base classifier, whose predictions may differ from the
+    float32 network's on some noisy copies. Certify and deploy with the same options. See ``docs/certify.md`` for
+    how far bf16 and float32 certificates differ on the same noise.
+
     Args:
         base_classifier: Maps ``[N, *input_shape]`` to logits ``[N, num_classes]``.
         num_classes: Number of classes.
         sigma: Noise standard deviation σ.
         input_shape: Shape of one input; given, inputs are checked against it before any forward.
+        dtype: Run the noisy forwards under ``torch.autocast`` on the input's device in this dtype
+            (``torch.bfloat16`` or ``torch.float16``); ``None`` or ``torch.float32`` keeps full precision.
+        memory_format: Convert the noisy images (4-D inputs) to this memory format before the forward, e.g.
+            ``torch.channels_last``; ``None`` leaves them as they are.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -73,6 +112,9 @@ class Smooth:
         >>> label, radius = smooth.certify(torch.zeros(1, 2, 2), n0=10, n=100, alpha=0.01, batch_size=64, generator=g)
         >>> label in (-1, 0, 1, 2) and radius >= 0
         True
+        >>> fast = Smooth(net, num_classes=3, sigma=0.25, dtype=torch.bfloat16, memory_format=torch.channels_last)
+        >>> fast
+        Smooth(num_classes=3, sigma=0.25, input_shape=None, dtype=torch.bfloat16, memory_format=torch.channels_last)
     """
 
     ABSTAIN = ABSTAIN
@@ -83,6 +125,8 @@ class Smooth:
         num_classes: int,
         sigma: float,
         input_shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+        memory_format: torch.memory_format | None = None,
     ) -> None:
         if not callable(base_classifier):
             raise TypeError(f"Expected `base_classifier` to be callable, got {type(base_classifier).__name__}")
@@ -90,9 +134,19 @@ class Smooth:
         self.num_classes = check_num_classes(num_classes)
         self.sigma = check_sigma(sigma)
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self.dtype, self.memory_format = precision(dtype, memory_format)
 
     def __repr__(self) -> str:
-        return f"Smooth(num_classes={self.num_classes}, sigma={self.sigma}, input_shape={self.input_shape})"
+        options = ""
+        if self.dtype is not None or self.memory_format is not None:
+            options = f", dtype={self.dtype}, memory_format={self.memory_format}"
+        return f"Smooth(num_classes={self.num_classes}, sigma={self.sigma}, input_shape={self.input_shape}{options})"
+
+    def _forward(self) -> nn.Module | Callable[[Tensor], Tensor]:
+        """The base classifier as the noisy forwards run it: itself at full precision, else wrapped."""
+        if self.dtype in (None, torch.float32) and self.memory_format is None:
+            return self.base_classifier
+        return _ReducedPrecision(self.base_classifier, self.dtype, self.memory_format)
 
     # ---------------------------------------------------------------------------------------------------------------
     def _check_batch(self, x: Tensor) -> None:
@@ -132,7 +186,7 @@ class Smooth:
         self._check_batch(x)
         with _inference(self.base_classifier):
             return sample_counts(
-                self.base_classifier, x, num, self.sigma, self.num_classes, batch_size, stage=stage, **noise
+                self._forward(), x, num, self.sigma, self.num_classes, batch_size, stage=stage, **noise
             )
 
     # ---------------------------------------------------------------------------------------------------------------

@@ -20,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_maxup.certify.functional import ABSTAIN
+
 __all__ = [
     "COLUMNS",
     "Certification",
     "envelope",
     "format_row",
+    "parse_seconds",
     "markdown_table",
     "plot_certified_accuracy",
     "read_certification",
@@ -118,8 +121,73 @@ def write_certification(
             f.write(format_row(i, y, p, r, int(int(p) == int(y)), s) + "\n")
 
 
+def _int_cell(text: str, name: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"Expected `{name}` to be an integer >= {minimum}, got {text!r}")
+    return value
+
+
+_TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")
+
+
+def parse_seconds(text: str) -> float:
+    """Seconds in a ``time`` cell: ``H:MM:SS.ffffff`` (as ``str(timedelta)`` writes it) or a plain number.
+
+    Example:
+        >>> parse_seconds("0:00:13.700000"), parse_seconds("1 day, 0:00:01"), parse_seconds("2.5")
+        (13.7, 86401.0, 2.5)
+    """
+    found = _TIMEDELTA.match(text.strip())
+    if found:
+        days, hours, minutes, seconds = found.groups()
+        return ((int(days or 0) * 24 + int(hours)) * 60 + int(minutes)) * 60 + float(seconds)
+    return float(text)
+
+
+def _parse_row(row: list[str]) -> tuple[int, int, int, float, int, str]:
+    """One validated row; a ValueError names the column and the value."""
+    if len(row) != len(COLUMNS):
+        raise ValueError(f"Expected {len(COLUMNS)} tab-separated columns, got {len(row)}: {row!r}")
+    idx = _int_cell(row[0], "idx", 0)
+    label = _int_cell(row[1], "label", 0)
+    predict = _int_cell(row[2], "predict", ABSTAIN)
+    try:
+        radius = float(row[3])
+    except ValueError:
+        radius = math.nan
+    if not (math.isfinite(radius) and radius >= 0):
+        raise ValueError(f"Expected `radius` to be a finite number >= 0, got {row[3]!r}")
+    if row[4] not in ("0", "1"):
+        raise ValueError(f"Expected `correct` to be 0 or 1, got {row[4]!r}")
+    correct = int(row[4])
+    if correct != int(predict == label):
+        raise ValueError(
+            f"Expected `correct` to be 1 exactly where `predict` == `label`, got {row[4]!r} with "
+            f"predict={predict} and label={label}"
+        )
+    try:
+        seconds = parse_seconds(row[5])
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"Expected `time` to be a duration >= 0 (H:MM:SS.ffffff or seconds), got {row[5]!r}")
+    return idx, label, predict, radius, correct, row[5]
+
+
 def read_certification(path: str | Path) -> Certification:
-    """Read a certification TSV (Cohen et al.'s or this package's).
+    r"""Read and validate a certification TSV (Cohen et al.'s or this package's).
+
+    Every row is checked: integer ``idx`` (each once) and ``label`` >= 0, integer ``predict`` >= -1, finite
+    ``radius`` >= 0, ``correct`` 1 exactly where ``predict == label``, ``time`` >= 0. Blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the header is not ``idx label predict radius correct time``, the file has no rows, or a
+            row is invalid; the message names the file, the line and the value.
 
     Example:
         >>> import tempfile, os
@@ -127,25 +195,45 @@ def read_certification(path: str | Path) -> Certification:
         >>> write_certification(path, [0], [3], [3], [0.25], [1.0])
         >>> read_certification(path).radius.tolist()
         [0.25]
+        >>> with open(path, "a") as f:
+        ...     _ = f.write("1\t3\t3\tnan\t1\t0:00:01\n")
+        >>> read_certification(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `...cert.tsv` line 3: Expected `radius` to be a finite number >= 0, got 'nan'
     """
     path = Path(path)
+    rows: list[tuple[int, int, int, float, int, str]] = []
+    first_line: dict[int, int] = {}
     with path.open(newline="") as f:
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
         if header is None or tuple(h.strip() for h in header) != COLUMNS:
-            raise ValueError(f"Expected `{path}` to start with the header {_HEADER!r}, got {header!r}")
-        rows = [row for row in reader if row]
-    for n, row in enumerate(rows, start=2):
-        if len(row) != len(COLUMNS):
-            raise ValueError(f"Expected {len(COLUMNS)} tab-separated columns on line {n} of `{path}`, got {row!r}")
-    cols = list(zip(*rows, strict=True)) if rows else [()] * len(COLUMNS)
-    as_int = lambda c: np.asarray([int(v) for v in c], dtype=np.int64)  # noqa: E731
+            got = "an empty file" if header is None else repr("\t".join(header))
+            raise ValueError(f"Expected `{path}` to start with the header {_HEADER!r}, got {got}")
+        for row in reader:
+            if not row:
+                continue
+            try:
+                parsed = _parse_row(row)
+            except ValueError as err:
+                raise ValueError(f"`{path}` line {reader.line_num}: {err}") from None
+            if parsed[0] in first_line:
+                raise ValueError(
+                    f"`{path}` line {reader.line_num}: Expected each `idx` once, got {parsed[0]} again"
+                    f" (first on line {first_line[parsed[0]]})"
+                )
+            first_line[parsed[0]] = reader.line_num
+            rows.append(parsed)
+    if not rows:
+        raise ValueError(f"Expected `{path}` to hold at least one row, got only the header")
+    cols = list(zip(*rows, strict=True))
     return Certification(
-        idx=as_int(cols[0]),
-        label=as_int(cols[1]),
-        predict=as_int(cols[2]),
-        radius=np.asarray([float(v) for v in cols[3]], dtype=np.float64),
-        correct=as_int(cols[4]),
+        idx=np.asarray(cols[0], dtype=np.int64),
+        label=np.asarray(cols[1], dtype=np.int64),
+        predict=np.asarray(cols[2], dtype=np.int64),
+        radius=np.asarray(cols[3], dtype=np.float64),
+        correct=np.asarray(cols[4], dtype=np.int64),
         time=list(cols[5]),
     )
 

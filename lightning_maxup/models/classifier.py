@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_maxup.functional import Augment, SelectionMode
+from lightning_maxup.config import MaxUpConfig, option_names
 from lightning_maxup.mixin import MaxUpMixin
 
 __all__ = ["Classifier", "MaxUpClassifier"]
@@ -104,59 +104,46 @@ class MaxUpClassifier(MaxUpMixin, Classifier):
     targets of :class:`~lightning_maxup.augment.CutMix` and :class:`~lightning_maxup.augment.Mixup` alike.
     Validation and test steps log ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``.
 
+    In LightningCLI YAML every MaxUp option sits under ``model.init_args.maxup`` (``m``, ``augment``,
+    ``selection_size``, ...); from Python, pass ``maxup=MaxUpConfig(...)`` or its fields as keyword arguments.
+
     Args:
         backbone: Network mapping inputs to ``num_classes`` logits.
         num_classes: Number of classes.
-        m: Augmented copies per sample (see :class:`~lightning_maxup.MaxUpMixin`).
-        augment: The MaxUp augmentation.
+        maxup: The MaxUp options (:class:`~lightning_maxup.MaxUpConfig`).
         optimizer: ``"sgd"`` (Nesterov momentum, as the paper's recipes) or ``"adam"``.
         lr: Learning rate.
         momentum: SGD momentum.
         weight_decay: L2 weight decay.
         milestones: Epochs at which the learning rate is multiplied by ``gamma``.
         gamma: Learning-rate decay factor.
-        chunk_size: Rows per selection forward.
-        selection_size: Side of the low-resolution selection view.
-        selection_mode: Normalisation mode of the selection pass.
-        seed: Base seed of the augmentation stream.
+        **options: :class:`~lightning_maxup.MaxUpConfig` fields overriding ``maxup`` (``m=4, augment=...``).
 
     Example:
         >>> from lightning_maxup.models import SmallCNN
-        >>> model = MaxUpClassifier(SmallCNN(1, 10, width=8), num_classes=10, m=2)
-        >>> model(torch.zeros(3, 1, 8, 8)).shape
-        torch.Size([3, 10])
+        >>> model = MaxUpClassifier(SmallCNN(1, 10, width=8), num_classes=10, maxup=MaxUpConfig(m=2))
+        >>> model(torch.zeros(3, 1, 8, 8)).shape, model.maxup_config.m
+        (torch.Size([3, 10]), 2)
     """
 
     def __init__(
         self,
         backbone: nn.Module,
         num_classes: int,
-        m: int = 4,
-        augment: Augment | None = None,
+        maxup: MaxUpConfig | None = None,
         optimizer: Literal["sgd", "adam"] = "sgd",
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
-        chunk_size: int | None = None,
-        selection_size: int | None = None,
-        selection_mode: SelectionMode = "eval",
-        seed: int | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            num_classes,
-            optimizer=optimizer,
-            lr=lr,
-            m=m,
-            augment=augment,
-            chunk_size=chunk_size,
-            selection_size=selection_size,
-            selection_mode=selection_mode,
-            seed=seed,
-        )
-        self.save_hyperparameters(ignore=["backbone", "augment"])
+        unknown = sorted(set(options) - set(option_names()))
+        if unknown:
+            raise TypeError(f"Unknown MaxUpClassifier argument(s) {unknown}; MaxUp options are {option_names()}")
+        super().__init__(backbone, num_classes, optimizer=optimizer, lr=lr, maxup=maxup, **options)
+        self.save_hyperparameters(ignore=["backbone", "maxup", *options])
 
     def per_sample_loss(self, batch: Any) -> Tensor:
         """Per-sample cross-entropy on integer labels or soft targets."""

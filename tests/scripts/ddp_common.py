@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,22 @@ class LitDDP(MaxUpMixin, pl.LightningModule):
         self.lr = lr
         self.steps: list[dict[str, Any]] = []
 
+    def maxup_preflight(self, batch: Any) -> None:
+        self.preflight_forwards = 0
+        self._in_preflight = True
+        fingerprints = getattr(self.maxup_config.augment, "fingerprints", [])
+        before = len(fingerprints)
+        try:
+            super().maxup_preflight(batch)
+        finally:
+            self._in_preflight = False
+            del fingerprints[before:]  # the pre-flight draws from a throwaway generator, not the run's stream
+
     def per_sample_loss(self, batch: Any) -> Tensor:
         x, y = batch[0], batch[1]
-        if not torch.is_grad_enabled():  # the selection pass
+        if getattr(self, "_in_preflight", False):
+            self.preflight_forwards += 1
+        elif not torch.is_grad_enabled():  # the selection pass
             self.steps[-1]["selection_forwards"] += 1
             self.steps[-1]["selection_rows"].append(int(x.shape[0]))
             self.steps[-1]["selection_side"] = int(x.shape[-1])
@@ -246,6 +260,12 @@ class CollectiveRecorder(Callback):
         self.by_name: dict[str, int] = {}
         self.per_step: list[dict[str, int]] = []
         self._patched: list[tuple[Any, str, Any]] = []
+        self.sync_dist_warnings: list[str] = []
+
+    def _record_warning(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        if "sync_dist" in str(message):
+            self.sync_dist_warnings.append(str(message))
+        self._showwarning(message, *args, **kwargs)
 
     def _phase(self) -> str:
         if _IN_HOOK:
@@ -253,6 +273,11 @@ class CollectiveRecorder(Callback):
         return "selection" if self.state["selection"] else "step" if self.state["step"] else "other"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning warns (through warnings.warn) when an epoch-level self.log lacks sync_dist under DDP.
+        warnings.simplefilter("always")
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._record_warning  # type: ignore[assignment]
+        self._patched.append((warnings, "showwarning", self._showwarning))
         for name in COLLECTIVES:
             original = getattr(dist, name, None)
             if original is None:
@@ -270,15 +295,15 @@ class CollectiveRecorder(Callback):
 
             self._patched.append((dist, name, original))
             setattr(dist, name, counted)
-        original_context = maxup_functional.selection_context
+        original_context = maxup_functional.preserved
 
         @contextmanager
         def recorded_context(*args: Any, **kwargs: Any) -> Any:
             with _flag(self.state, "selection"), original_context(*args, **kwargs):
                 yield
 
-        self._patched.append((maxup_functional, "selection_context", original_context))
-        maxup_functional.selection_context = recorded_context  # type: ignore[assignment]
+        self._patched.append((maxup_functional, "preserved", original_context))
+        maxup_functional.preserved = recorded_context  # type: ignore[assignment]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning registers DDP communication hooks on CUDA only; count the gradient all-reduce on CPU too.
@@ -304,6 +329,9 @@ class CollectiveRecorder(Callback):
             "collectives_per_step": self.per_step,
             "ddp_hook_calls": HOOK_CALLS,
             "steps": getattr(pl_module, "steps", []),
+            "preflight_forwards": getattr(pl_module, "preflight_forwards", None),
+            "maxup_seed": pl_module.maxup_config.seed if hasattr(pl_module, "maxup_config") else None,
+            "sync_dist_warnings": self.sync_dist_warnings,
             "draws": getattr(augment, "fingerprints", []),
             "params": [p.detach().double().flatten().tolist() for p in pl_module.parameters()],
             "buffers": [b.detach().double().flatten().tolist() for b in pl_module.buffers()],

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytorch_lightning as pl  # noqa: E402
 from ddp_common import CollectiveRecorder, LitDDP  # noqa: E402
+from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.strategies import DDPStrategy  # noqa: E402
 
 from lightning_maxup import MaxUp  # noqa: E402
@@ -32,10 +33,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--selection-size", type=int, default=4)
     parser.add_argument("--timeout", type=int, default=60, help="seconds before a stuck collective fails")
+    parser.add_argument("--no-seed-everything", action="store_true", help="leave every process its own seed")
+    parser.add_argument("--ckpt-dir", default=None, help="save a checkpoint at the end of every epoch here")
+    parser.add_argument("--resume", default=None, help="checkpoint to resume from")
     args = parser.parse_args(argv)
 
-    pl.seed_everything(0, workers=True)
+    if not args.no_seed_everything:
+        pl.seed_everything(0, workers=True)
     model = LitDDP(norm="bn", n=64, batch_size=8, m=4)
+    extra: list[pl.Callback] = []
+    if args.ckpt_dir is not None:
+        extra.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -45,13 +53,14 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=[
             MaxUp(warmup_epochs=args.warmup_epochs, selection_size=args.selection_size),
             CollectiveRecorder(args.out),
+            *extra,
         ],
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=args.ckpt_dir is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model)
+    trainer.fit(model, ckpt_path=args.resume)
 
 
 if __name__ == "__main__":

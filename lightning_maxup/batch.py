@@ -1,0 +1,234 @@
+"""Batches as trees of tensors: which leaves are per-sample, and the row operations MaxUp applies to them.
+
+A batch is a tensor or any nesting of tuples, lists, namedtuples, dicts and dataclasses around tensors, as a
+DataLoader collates it. MaxUp expands, slices and gathers its *per-sample* leaves: by default every tensor leaf
+whose first dimension is the batch size ``B`` (the first dimension of the first tensor leaf). A tensor that is not
+per-sample but may happen to have ``B`` rows (a class-weight vector, a lookup table) is marked by wrapping it in
+:class:`Shared`: the step, every built-in augmentation and every selection view leave it as it is, and
+:func:`unwrap_shared` hands the bare tensor to the loss.
+
+The walker is ``lightning_utilities``' ``apply_to_collection``, the one Lightning and torchmetrics use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
+__all__ = [
+    "Shared",
+    "batch_size",
+    "expand_copies",
+    "first_floating",
+    "gather_rows",
+    "map_rows",
+    "replace_inputs",
+    "replace_leaf",
+    "slice_rows",
+    "split_inputs",
+    "tensor_leaves",
+    "unwrap_shared",
+]
+
+
+class Shared:
+    """Mark a batch tensor as shared by all samples: MaxUp never expands, slices, augments or resizes it.
+
+    The wrapper moves with the batch (Lightning's device transfer calls :meth:`to`) and is removed before the
+    batch reaches ``per_sample_loss``, which receives the bare tensor.
+
+    Args:
+        value: The shared tensor.
+
+    Example:
+        >>> w = Shared(torch.tensor([1.0, 2.0, 3.0]))
+        >>> x, y, weights = expand_copies((torch.zeros(3, 2), torch.arange(3), w), 2)
+        >>> x.shape, y.shape, weights.value.shape
+        (torch.Size([6, 2]), torch.Size([6]), torch.Size([3]))
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor) -> None:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"Expected `value` of Shared to be a tensor, got {type(value).__name__}")
+        self.value = value
+
+    def to(self, *args: Any, **kwargs: Any) -> Shared:
+        """Move the wrapped tensor, as ``Tensor.to`` does (Lightning's batch transfer calls this)."""
+        return Shared(self.value.to(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"Shared({self.value!r})"
+
+
+def tensor_leaves(batch: Any) -> list[Tensor]:
+    """The tensor leaves of ``batch`` in traversal order, leaving out :class:`Shared` ones.
+
+    Example:
+        >>> [t.tolist() for t in tensor_leaves({"x": torch.tensor([1]), "w": Shared(torch.tensor([2]))})]
+        [[1]]
+    """
+    leaves: list[Tensor] = []
+    apply_to_collection(batch, Tensor, leaves.append)
+    return leaves
+
+
+def batch_size(batch: Any) -> int:
+    """Rows of a batch: the first dimension of its first tensor leaf that is not :class:`Shared`.
+
+    Example:
+        >>> batch_size((torch.zeros(5, 3), torch.zeros(5)))
+        5
+    """
+    for leaf in tensor_leaves(batch):
+        if leaf.dim() > 0:
+            return int(leaf.shape[0])
+    raise ValueError(
+        f"Expected a batch holding at least one per-sample tensor (first dimension = batch size), got"
+        f" {type(batch).__name__}"
+    )
+
+
+def map_rows(batch: Any, fn: Callable[[Tensor], Tensor], rows: int | None = None) -> Any:
+    """Apply ``fn`` to every per-sample leaf (first dimension ``rows``, default :func:`batch_size`).
+
+    Example:
+        >>> map_rows((torch.arange(3), torch.tensor(7)), lambda t: t * 10)
+        (tensor([ 0, 10, 20]), tensor(7))
+    """
+    n = batch_size(batch) if rows is None else rows
+
+    def visit(t: Tensor) -> Tensor:
+        return fn(t) if t.dim() > 0 and t.shape[0] == n else t
+
+    return apply_to_collection(batch, Tensor, visit)
+
+
+def expand_copies(batch: Any, m: int) -> Any:
+    """Repeat every per-sample leaf ``m`` times, copy-major: row ``k * B + i`` is copy ``k`` of sample ``i``.
+
+    Example:
+        >>> expand_copies(torch.tensor([10, 11, 12]), 2)
+        tensor([10, 11, 12, 10, 11, 12])
+    """
+    return map_rows(batch, lambda t: t.repeat(m, *([1] * (t.dim() - 1))))
+
+
+def gather_rows(batch: Any, rows: Tensor) -> Any:
+    """Select ``rows`` (a 1-D index tensor) of every per-sample leaf.
+
+    Example:
+        >>> gather_rows((torch.arange(6), torch.arange(6) * 10), torch.tensor([4, 1]))
+        (tensor([4, 1]), tensor([40, 10]))
+    """
+    return map_rows(batch, lambda t: t.index_select(0, rows.to(t.device)))
+
+
+def slice_rows(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every per-sample leaf (views, no copy).
+
+    Example:
+        >>> slice_rows((torch.arange(6), torch.ones(2)), 1, 3)
+        (tensor([1, 2]), tensor([1., 1.]))
+    """
+    return map_rows(batch, lambda t: t[start:stop])
+
+
+def unwrap_shared(batch: Any) -> Any:
+    """Replace every :class:`Shared` leaf by its tensor (what ``per_sample_loss`` receives).
+
+    Example:
+        >>> unwrap_shared((torch.zeros(1), Shared(torch.ones(2))))
+        (tensor([0.]), tensor([1., 1.]))
+    """
+    return apply_to_collection(batch, Shared, lambda s: s.value)
+
+
+def split_inputs(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """Return ``(x, y)``: the first and second per-sample tensor leaves of ``batch`` (``y`` may be ``None``).
+
+    This is how the built-in augmentations find the inputs and the targets of a tensor, a tuple ``(x, y, ...)``,
+    a namedtuple, a dict (in key order) or any nesting of these.
+
+    Example:
+        >>> x, y = split_inputs({"image": torch.zeros(2, 3), "label": torch.ones(2)})
+        >>> x.shape, y.tolist()
+        (torch.Size([2, 3]), [1.0, 1.0])
+    """
+    per_sample = _per_sample_leaves(batch)
+    if not per_sample:
+        raise TypeError(f"Built-in augmentations need a batch holding a tensor, got {type(batch).__name__}")
+    return per_sample[0], per_sample[1] if len(per_sample) > 1 else None
+
+
+def replace_inputs(batch: Any, x: Tensor, y: Tensor | None = None) -> Any:
+    """Return a new batch of the same structure with the leaves :func:`split_inputs` finds replaced.
+
+    Example:
+        >>> replace_inputs((torch.zeros(2), torch.zeros(2), torch.arange(2)), torch.ones(2))
+        (tensor([1., 1.]), tensor([0., 0.]), tensor([0, 1]))
+    """
+    leaves = tensor_leaves(batch)
+    n = _leading_rows(leaves)
+    if not leaves:
+        raise TypeError(f"Built-in augmentations need a batch holding a tensor, got {type(batch).__name__}")
+    if y is not None and (n is None or sum(_is_per_sample(t, n) for t in leaves) < 2):
+        raise ValueError("The batch holds no target tensor to replace")
+    replacements = [x] if y is None else [x, y]
+    position = 0
+
+    # By position, not by identity: in a batch ``(x, x)`` (an autoencoder's input and target) only the input changes.
+    def visit(t: Tensor) -> Tensor:
+        nonlocal position
+        if not _is_per_sample(t, n):
+            return t
+        position += 1
+        return replacements[position - 1] if position <= len(replacements) else t
+
+    return apply_to_collection(batch, Tensor, visit)
+
+
+def _leading_rows(leaves: list[Tensor]) -> int | None:
+    """The batch size as :func:`batch_size` defines it, or ``None`` when every leaf is 0-dimensional."""
+    return next((int(t.shape[0]) for t in leaves if t.dim() > 0), None)
+
+
+def _is_per_sample(t: Tensor, n: int | None) -> bool:
+    # A batch of 0-dimensional tensors only (a bare scalar) has that scalar as its input.
+    return t.dim() == 0 if n is None else t.dim() > 0 and t.shape[0] == n
+
+
+def _per_sample_leaves(batch: Any) -> list[Tensor]:
+    leaves = tensor_leaves(batch)
+    n = _leading_rows(leaves)
+    per_sample = [t for t in leaves if _is_per_sample(t, n)]
+    return per_sample[:1] if n is None else per_sample
+
+
+def first_floating(batch: Any, ndim: int) -> Tensor | None:
+    """The first per-sample floating tensor leaf with ``ndim`` dimensions (images: 4), or ``None``.
+
+    Example:
+        >>> first_floating((torch.zeros(2, 1, 4, 4), torch.arange(2)), 4).shape
+        torch.Size([2, 1, 4, 4])
+    """
+    for t in _per_sample_leaves(batch):
+        if t.dim() == ndim and torch.is_floating_point(t):
+            return t
+    return None
+
+
+def replace_leaf(batch: Any, old: Tensor, new: Tensor) -> Any:
+    """Return ``batch`` with the leaf that *is* ``old`` (by identity) replaced by ``new``.
+
+    Example:
+        >>> x = torch.zeros(2)
+        >>> replace_leaf((x, torch.ones(2)), x, torch.full((2,), 5.0))
+        (tensor([5., 5.]), tensor([1., 1.]))
+    """
+    return apply_to_collection(batch, Tensor, lambda t: new if t is old else t)
