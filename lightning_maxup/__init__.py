@@ -11,7 +11,18 @@ from lightning_maxup.callback import MaxUp
 from lightning_maxup.config import MaxUpConfig
 from lightning_maxup.functional import MaxUpOutput, maxup_step
 from lightning_maxup.mixin import MaxUpMixin
+from lightning_maxup.monitor import SelectionMonitor
 from lightning_maxup.views import Downsample, PointSubset
 
-__all__ = ["Downsample", "MaxUp", "MaxUpConfig", "MaxUpMixin", "MaxUpOutput", "PointSubset", "Shared", "maxup_step"]
+__all__ = [
+    "Downsample",
+    "MaxUp",
+    "MaxUpConfig",
+    "MaxUpMixin",
+    "MaxUpOutput",
+    "PointSubset",
+    "SelectionMonitor",
+    "Shared",
+    "maxup_step",
+]
 __version__ = "0.2.0"

@@ -5,7 +5,8 @@ layers that keep state (BatchNorm's running statistics) is not enough: InstanceN
 ``spectral_norm``'s power iteration, parametrizations and custom layers update buffers in ``forward``, and lazy
 modules materialise their parameters on their first call. :func:`preserved` therefore snapshots the model itself:
 
-- every buffer is cloned before the block and copied back (or its original object reassigned) afterwards;
+- every buffer is cloned before the block and copied back (or its original object reassigned) afterwards, and
+  a buffer the block registers or fills (a ``None`` slot, a cache) is removed or emptied again;
 - every parameter's identity and version counter are recorded; forwards without gradient do not write
   parameters, and one that does is reported (restoring would need a copy of every weight);
 - parameters and buffers of lazy modules are snapshotted right after they materialise, so the first forward of

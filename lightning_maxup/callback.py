@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_maxup._lightning import Callback, rank_zero_info, rank_zero_warn
 from lightning_maxup._validation import non_negative_int
 from lightning_maxup.config import MaxUpConfig
 from lightning_maxup.mixin import MaxUpMixin
+
+if TYPE_CHECKING:
+    from lightning_maxup._lightning import pl
 
 __all__ = ["MaxUp"]
 

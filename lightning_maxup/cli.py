@@ -31,25 +31,18 @@ Run lightning-maxup COMMAND --help for the options of a command.
 
 
 def version() -> str:
-    """The installed version of ``lightning_maxup``.
+    """The version of the imported ``lightning_maxup`` (its ``__version__``).
 
-    Read from the package metadata, which needs no import of torch; from the package itself when it is not
-    installed (run from a source tree).
+    Not the installed distribution's metadata, which an editable install leaves at the version it was installed at.
 
     Example:
         >>> import lightning_maxup
         >>> version() == lightning_maxup.__version__
         True
     """
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as metadata_version
+    import lightning_maxup
 
-    try:
-        return metadata_version("lightning_maxup")
-    except PackageNotFoundError:
-        import lightning_maxup
-
-        return lightning_maxup.__version__
+    return lightning_maxup.__version__
 
 
 def _lightning_cli_class() -> type:

@@ -19,8 +19,11 @@ from lightning_maxup.views import Downsample
 
 __all__ = ["MaxUpConfig", "SelectionDtype", "SelectionFormat", "SelectionMode"]
 
+#: How the selection pass runs the model (``selection_mode``).
 SelectionMode = Literal["eval", "train"]
+#: The names of the reduced-precision dtypes of the selection forward (``selection_dtype``).
 SelectionDtype = Literal["bfloat16", "float16", "float32"]
+#: The memory formats of the selection forward (``selection_memory_format``).
 SelectionFormat = Literal["channels_last", "contiguous"]
 Randomness = Literal["rank", "sample"]
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_maxup._lightning import pl
 
 __all__ = ["DigitsDataModule", "IndexedDataset", "load_digits_split"]
 

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_maxup._lightning import pl
 
 __all__ = ["CIFAR_MEAN_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CIFARDataModule", "FakeImages", "ImageNetDataModule"]
 
@@ -26,7 +27,9 @@ CIFAR_MEAN_STD: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+#: Per-channel mean of the ImageNet training set.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+#: Per-channel standard deviation of the ImageNet training set.
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 

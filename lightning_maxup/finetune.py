@@ -16,18 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from typing_extensions import override
 
+from lightning_maxup._lightning import Callback, rank_zero_warn
+
+if TYPE_CHECKING:
+    from lightning_maxup._lightning import pl
+
 __all__ = ["FreezeNormalization", "NormLayers", "freeze_normalization", "normalization_layers", "torchvision_model"]
 
+#: Which normalisation layers to freeze: with running statistics only, or all.
 NormLayers = Literal["running_stats", "all"]
 
 # Normalisation layers without running statistics: frozen only with ``layers="all"``.

@@ -6,9 +6,9 @@ import time
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_maxup._lightning import rank_zero_warn
 from lightning_maxup.augment.image import GaussianNoise
 from lightning_maxup.batch import batch_size
 from lightning_maxup.config import MaxUpConfig, option_names
@@ -46,6 +46,7 @@ class _StepClock:
         if device.type == "cuda":
             events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3))
             events[0].record()
+            events[1].record()  # re-recorded when the step selects; as it is, a step without selection took 0 s
             self._events = events  # type: ignore[assignment]
 
     def selection_done(self, seconds: float) -> None:
@@ -59,8 +60,6 @@ class _StepClock:
         if self._events is None:
             total = time.perf_counter() - self.start
             return self.selection / total if total > 0 and self._selected else None
-        if not self._selected:  # a step that skipped maxup_step: its selection took no time
-            self._events[1].record()
         self._events[2].record()
         previous, self._pending = self._pending, self._events
         self._events = None
@@ -195,6 +194,10 @@ class MaxUpMixin:
         self.maxup_config = base.replace(**options) if options else base
         #: False runs ordinary augmentation (one copy, no selection); the MaxUp callback sets it during warm-up.
         self.maxup_enabled = True
+        #: True keeps the next steps' :class:`~lightning_maxup.MaxUpOutput` in :attr:`maxup_last_output` (for
+        #: monitors); off by default, since it holds the ``m * B`` candidates until the following step.
+        self.maxup_record = False
+        self.maxup_last_output: MaxUpOutput | None = None
         self._maxup_draws = 0
         self._maxup_warned_identity = False
         self._maxup_preflight_done = False
@@ -347,6 +350,7 @@ class MaxUpMixin:
             self._maxup_finite(out.candidate_losses, what)
         self._maxup_clock.selection_done(out.selection_seconds)
         self._maxup_log(out)
+        self.maxup_last_output = out if self.maxup_record else None
         return out
 
     def _maxup_warn_identity(self, m: int) -> None:

@@ -125,6 +125,7 @@ class KeyedGenerator:
         return h.reshape(tuple(shape))
 
 
+#: What every sampler takes: one stream for the batch, or per-row keys.
 Generator = torch.Generator | KeyedGenerator
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from typing_extensions import override
+
+from lightning_maxup._lightning import Callback
+
+if TYPE_CHECKING:
+    from lightning_maxup._lightning import pl
 
 __all__ = ["EpochTimer"]
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_maxup import random as lr
 from lightning_maxup._validation import non_negative_int, one_of, positive_int
-from lightning_maxup.batch import first_floating, replace_inputs, replace_leaf, split_inputs
+from lightning_maxup.batch import first_floating, replace_leaf, split_inputs
 from lightning_maxup.random import KeyedGenerator, hash32
 
 __all__ = [
@@ -241,7 +241,9 @@ class PointSubset:
         if p <= self.k:
             return batch
         idx = self.indices(x)
-        return replace_inputs(batch, x.gather(1, idx[:, :, None].expand(-1, -1, 3)))
+        # Every occurrence of the clouds, as Downsample resizes every occurrence of the images: in an autoencoder's
+        # batch ``(x, x)`` the selection pass scores the subset against itself.
+        return replace_leaf(batch, x, x.gather(1, idx[:, :, None].expand(-1, -1, 3)))
 
     def __repr__(self) -> str:
         return f"PointSubset(k={self.k}, method={self.method!r}, seed={self.seed})"

@@ -179,7 +179,9 @@ def _step(batch: Any, get: Callable, options: dict[str, Any]) -> MaxUpOutput:
 
 @pytest.mark.parametrize(("build", "get"), STRUCTURES)
 @pytest.mark.parametrize(("options", "data"), STEP_SETTINGS)
-def test_step_keeps_structure_and_result(options: dict[str, Any], data: Callable, build: Callable, get: Callable) -> None:
+def test_step_keeps_structure_and_result(
+    options: dict[str, Any], data: Callable, build: Callable, get: Callable
+) -> None:
     x, y = data(6)
     expected = _step((x, y), lambda b: (b[0], b[1]), options)
     out = _step(build(x, y), get, options)
@@ -204,11 +206,14 @@ def test_augmentation_leaves_shared_tensors(augment: Any, data: Callable) -> Non
     weights, trap = Shared(torch.tensor([1.0, 2.0, 3.0])), Shared(_trap(x))
     # First in the tree, where the inputs are looked for, and last, where extra per-sample tensors go.
     batch = expand_copies((trap, x, y, weights), M)
-    assert batch[0] is trap and batch[3] is weights, "expanding copies must not touch shared tensors"
+    assert batch[0] is trap, "expanding copies must not touch shared tensors"
+    assert batch[3] is weights
     expected = augment((batch[1], batch[2]), generator=_gen())
     out = augment(batch, generator=_gen())
-    assert isinstance(out[0], Shared) and torch.equal(out[0].value, trap.value)
-    assert isinstance(out[3], Shared) and torch.equal(out[3].value, weights.value)
+    assert isinstance(out[0], Shared)
+    assert torch.equal(out[0].value, trap.value)
+    assert isinstance(out[3], Shared)
+    assert torch.equal(out[3].value, weights.value)
     _assert_pairs_equal((out[1], out[2]), expected)
 
 
@@ -218,7 +223,8 @@ def test_view_leaves_shared_tensors(view: Any, data: Callable) -> None:
     weights, trap = Shared(torch.tensor([1.0, 2.0, 3.0])), Shared(_trap(x))
     expected = view((x, y))
     out = view((trap, x, y, weights))
-    assert out[0] is trap and out[3] is weights
+    assert out[0] is trap
+    assert out[3] is weights
     assert torch.equal(trap.value, _trap(x)), "the shared tensor was modified"
     _assert_pairs_equal((out[1], out[2]), expected)
 
@@ -242,10 +248,15 @@ def test_step_passes_shared_class_weights_unexpanded() -> None:
     )  # fmt: skip
     assert len(received) == 4, "three selection chunks (12 rows, 5 per chunk) and one gradient forward"
     for weight in received:
-        assert type(weight) is Tensor and weight.shape == (3,) and torch.equal(weight, w)
-    assert isinstance(out.candidates[2], Shared) and out.candidates[2].value.shape == (3,)
-    assert isinstance(out.batch[2], Shared) and out.batch[2].value.shape == (3,)
-    assert out.candidates[0].shape[0] == M * B and out.batch[0].shape[0] == B
+        assert type(weight) is Tensor
+        assert weight.shape == (3,)
+        assert torch.equal(weight, w)
+    assert isinstance(out.candidates[2], Shared)
+    assert out.candidates[2].value.shape == (3,)
+    assert isinstance(out.batch[2], Shared)
+    assert out.batch[2].value.shape == (3,)
+    assert out.candidates[0].shape[0] == M * B
+    assert out.batch[0].shape[0] == B
     expected = F.cross_entropy(net(out.batch[0]), out.batch[1], weight=w, reduction="none")
     assert torch.equal(out.losses, expected)
 
@@ -259,7 +270,9 @@ def test_unmarked_tensor_with_batch_rows_is_per_sample() -> None:
         shapes.append(tuple(batch[2].shape))
         return batch[0].flatten(1).mean(1)
 
-    maxup_step(per_sample_loss, (x, y, torch.tensor([1.0, 2.0, 3.0])), m=M, augment=GaussianNoise(0.1), generator=_gen())
+    maxup_step(
+        per_sample_loss, (x, y, torch.tensor([1.0, 2.0, 3.0])), m=M, augment=GaussianNoise(0.1), generator=_gen()
+    )
     assert shapes == [(M * B,), (B,)]
 
 
@@ -269,7 +282,8 @@ def test_shared_moves_with_lightning_batch_transfer() -> None:
     # The meta device stands in for an accelerator: every tensor must end up there, the shared one included.
     moved = move_data_to_device({"batch": (x, y), "weights": w}, torch.device("meta"))
     assert moved["batch"][0].device.type == "meta"
-    assert isinstance(moved["weights"], Shared) and moved["weights"].value.device.type == "meta"
+    assert isinstance(moved["weights"], Shared)
+    assert moved["weights"].value.device.type == "meta"
     assert moved["weights"].value.shape == (3,)
     assert w.value.device.type == "cpu", "the original batch is left where it was"
 
@@ -277,3 +291,34 @@ def test_shared_moves_with_lightning_batch_transfer() -> None:
 def test_shared_rejects_non_tensors() -> None:
     with pytest.raises(TypeError, match=r"Expected `value` of Shared to be a tensor, got list"):
         Shared([1.0, 2.0, 3.0])  # type: ignore[arg-type]
+
+
+# Mixing augmentations need class labels as the second leaf.
+@pytest.mark.parametrize(("augment", "data"), [p for p in AUGMENTATIONS if p.id not in ("CutMix", "Mixup")])
+def test_augmentation_changes_only_the_input_of_an_autoencoder_batch(augment: Any, data: Callable) -> None:
+    """In ``(x, x)`` the two leaves are one tensor object; the target must stay the clean input."""
+    x, _ = data()
+    x_input, x_target = augment((x, x), generator=_gen())
+    assert torch.equal(x_target, x)
+    assert torch.equal(x_input, augment(x, generator=_gen()))
+
+
+@pytest.mark.parametrize(("augment", "data"), AUGMENTATIONS)
+def test_augmentation_skips_scalar_leaves(augment: Any, data: Callable) -> None:
+    """A 0-dimensional leaf (a temperature, a step) before the inputs is not per-sample: the inputs come after it."""
+    x, y = data()
+    temperature = torch.tensor(0.5)
+    expected = augment((x, y), generator=_gen())
+    out = augment((temperature, x, y), generator=_gen())
+    assert out[0] is temperature
+    _assert_pairs_equal((out[1], out[2]), expected)
+
+
+@pytest.mark.parametrize(("view", "data"), VIEWS)
+def test_view_applies_to_every_occurrence_of_the_inputs(view: Any, data: Callable) -> None:
+    """A view is a cheaper version of the same samples: in ``(x, x)`` input and target are viewed alike."""
+    x, y = data()
+    expected, _ = view((x, y))
+    x_input, x_target = view((x, x))
+    assert torch.equal(x_input, expected)
+    assert torch.equal(x_target, expected)

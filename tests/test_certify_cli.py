@@ -26,14 +26,15 @@ model:
       class_path: lightning_maxup.models.SmallCNN
       init_args: {in_channels: 1, num_classes: 10, width: 8}
     num_classes: 10
-    m: 1
-    augment:
-      class_path: lightning_maxup.augment.GaussianNoise
-      init_args: {sigma: 0.25}
+    maxup:
+      m: 1
+      augment:
+        class_path: lightning_maxup.augment.GaussianNoise
+        init_args: {sigma: 0.25}
+      seed: 0
     optimizer: adam
     lr: 0.01
     weight_decay: 0.0
-    seed: 0
 data:
   class_path: lightning_maxup.data.DigitsDataModule
   init_args: {batch_size: 64, seed: 0}
@@ -178,12 +179,12 @@ def reference(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
 
 def _interrupted(config: Path, ckpt: Path, out: Path, batches: int) -> Path:
     """Run certify until `batches` batches are written, then interrupt it; returns the partial file."""
+    partial = out.with_name(out.name + ".partial")
     with pytest.MonkeyPatch.context() as mp:
         _count_batches(mp, stop_after=batches)
-        with pytest.raises(KeyboardInterrupt):
-            certify_main(_argv(config, ckpt, out))
+        assert certify_main(_argv(config, ckpt, out)) == 130
     assert not out.exists(), "an interrupted run left a file under the final name"
-    return out.with_name(out.name + ".partial")
+    return partial
 
 
 def test_interrupted_run_resumes_to_the_file_of_an_uninterrupted_run(
@@ -196,6 +197,10 @@ def test_interrupted_run_resumes_to_the_file_of_an_uninterrupted_run(
     config, ckpt = trained
     out = tmp_path / "cert.tsv"
     partial = _interrupted(config, ckpt, out, batches=2)
+    assert capsys.readouterr().err.endswith(
+        f"lightning-maxup certify: interrupted after 8 of 24 inputs; rerun the same command to resume from"
+        f" {str(partial)!r}\n"
+    )
     expected = _rows_but_time(reference)
     assert _rows_but_time(partial) == expected[: 1 + 8]
     assert out.with_name("cert.tsv.partial.json").is_file()
@@ -321,7 +326,13 @@ def _error_case(name: str, tmp_path: Path, config: Path, ckpt: Path) -> list[str
         pytest.param(
             "malformed-yaml", "bad.yaml', line 4, column 5: expected ',' or '}', but got ':'", id="malformed-yaml"
         ),
-        pytest.param("unknown-key", "widht", id="unknown-key"),
+        pytest.param(
+            "unknown-key",
+            "typo.yaml': Parser key \"model\": Problem with given class_path 'lightning_maxup.models.MaxUpClassifier':"
+            " Parser key \"backbone\": Problem with given class_path 'lightning_maxup.models.SmallCNN':"
+            " Option 'widht' is not accepted",
+            id="unknown-key",
+        ),
         pytest.param("missing-ckpt", "Expected `--ckpt` to be a checkpoint file, got '", id="missing-ckpt"),
         pytest.param(
             "mismatched-ckpt",

@@ -37,15 +37,16 @@ CONFIG = textwrap.dedent(
           class_path: lightning_maxup.models.SmallCNN
           init_args: {in_channels: 1, num_classes: 10, width: 4}
         num_classes: 10
-        m: 2
-        augment:
-          class_path: lightning_maxup.augment.Compose
-          init_args:
-            augmentations:
-              - class_path: lightning_maxup.augment.RandomCrop
-                init_args: {size: 8, padding: 1}
-              - class_path: lightning_maxup.augment.Cutout
-                init_args: {size: 3}
+        maxup:
+          m: 2
+          augment:
+            class_path: lightning_maxup.augment.Compose
+            init_args:
+              augmentations:
+                - class_path: lightning_maxup.augment.RandomCrop
+                  init_args: {size: 8, padding: 1}
+                - class_path: lightning_maxup.augment.Cutout
+                  init_args: {size: 3}
         optimizer: adam
         lr: 0.003
     data:

@@ -123,8 +123,10 @@ def test_ddp_spawn_sync_batchnorm_uneven_last_batch(tmp_path: Path) -> None:
         assert all(s["mode"] == "eval" for s in eval_steps)
         assert [s["selection_forwards"] for s in train_steps] == [math.ceil(m * batch / chunk)] * 3
         assert all(max(s["selection_rows"]) <= chunk for s in r["steps"])
-        for s, c in zip(r["steps"], r["collectives_per_step"], strict=True):
-            expected = norm_layers * s["selection_forwards"] if s["mode"] == "train" else 0
+        for i, (s, c) in enumerate(zip(r["steps"], r["collectives_per_step"], strict=True)):
+            # the first step also runs the pre-flight check: the selection pass's own forwards, once more
+            forwards = s["selection_forwards"] + (r["preflight_forwards"] if i == 0 else 0)
+            expected = norm_layers * forwards if s["mode"] == "train" else 0
             assert c["selection"] == expected, (s, c)
             assert c["step"] == norm_layers, "the gradient forward syncs each normalisation layer once"
     # running statistics moved only in the (synchronised) gradient forwards, identically on both ranks

@@ -52,6 +52,28 @@ class RunningMeanReassign(RunningMean):
         return x - self.mean
 
 
+class FirstBatchScale(nn.Module):
+    """Data-dependent initialisation: a buffer empty (``None``) until the first forward fills it from that batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.scale is None:
+            self.scale = 1.0 / (x.detach().std(dim=0) + 1.0)
+        return x * self.scale
+
+
+class RegistersOnFirstForward(nn.Module):
+    """Like :class:`FirstBatchScale`, but the buffer does not exist until the first forward registers it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not hasattr(self, "scale"):
+            self.register_buffer("scale", 1.0 / (x.detach().std(dim=0) + 1.0))
+        return x * self.scale
+
+
 class FrozenStem(nn.Module):
     """Overrides ``train()``: the stem (with BatchNorm) stays in eval mode, and the requested mode is recorded."""
 
@@ -110,7 +132,9 @@ MODELS: list = [
     # In one process SyncBatchNorm computes as BatchNorm in both modes (no process group, no collective), which is
     # the CPU stand-in: its buffers and flags are what the snapshot must restore.
     pytest.param(lambda: _conv(nn.SyncBatchNorm(4)), "image", id="SyncBatchNorm"),
-    pytest.param(lambda: _conv(nn.InstanceNorm2d(4, affine=True, track_running_stats=True)), "image", id="InstanceNorm2d"),
+    pytest.param(
+        lambda: _conv(nn.InstanceNorm2d(4, affine=True, track_running_stats=True)), "image", id="InstanceNorm2d"
+    ),
     pytest.param(lambda: _conv(nn.LazyBatchNorm2d()), "image", id="LazyBatchNorm2d"),
     pytest.param(lambda: _conv(nn.GroupNorm(2, 4)), "image", id="GroupNorm"),
     pytest.param(lambda: _vector(nn.LayerNorm(8)), "vector", id="LayerNorm"),
@@ -122,11 +146,20 @@ MODELS: list = [
     pytest.param(
         lambda: nn.Sequential(nn.utils.spectral_norm(nn.Linear(6, 8)), *_head(8)), "vector", id="spectral_norm-hook"
     ),
+    pytest.param(lambda: nn.Sequential(nn.LazyLinear(8), *_head(8)), "vector", id="LazyLinear"),
     pytest.param(lambda: _vector(RunningMean(8)), "vector", id="custom-buffer-inplace"),
     pytest.param(lambda: _vector(RunningMeanReassign(8)), "vector", id="custom-buffer-reassigned"),
+    pytest.param(lambda: _vector(FirstBatchScale()), "vector", id="custom-buffer-filled-in-forward"),
+    pytest.param(lambda: _vector(RegistersOnFirstForward()), "vector", id="custom-buffer-registered-in-forward"),
     pytest.param(FrozenStem, "vector", id="custom-train-override"),
 ]
-MODES = [pytest.param("eval", id="eval"), pytest.param("train", id="train")]
+SELECTION_MODES = [pytest.param("eval", id="eval"), pytest.param("train", id="train")]
+# Chunked: several selection forwards, each seeing the state the previous one would have left.
+MODES = [
+    pytest.param("eval", None, id="eval"),
+    pytest.param("train", None, id="train"),
+    pytest.param("train", 5, id="train-chunked"),
+]
 
 
 def _twins(make: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
@@ -177,7 +210,9 @@ def assert_same_model(a: nn.Module, b: nn.Module) -> None:
     assert flags_a == flags_b, {k: (flags_a[k], flags_b.get(k)) for k in flags_a if flags_a[k] != flags_b.get(k)}
 
 
-def _run_twins(make: Callable[[], nn.Module], kind: str, mode: str) -> tuple[nn.Module, nn.Module, MaxUpOutput]:
+def _run_twins(
+    make: Callable[[], nn.Module], kind: str, mode: str, chunk_size: int | None = None
+) -> tuple[nn.Module, nn.Module, MaxUpOutput]:
     a, b = _twins(make)
     batch = _batch(kind)
     torch.manual_seed(2)
@@ -189,43 +224,51 @@ def _run_twins(make: Callable[[], nn.Module], kind: str, mode: str) -> tuple[nn.
         generator=torch.Generator().manual_seed(3),
         model=a,
         selection_mode=mode,
+        chunk_size=chunk_size,
     )
     out.loss.backward()
     torch.manual_seed(2)
     losses_b = _loss_fn(b)(out.batch)  # only the gradient forward, on the same worst copies
     losses_b.mean().backward()
-    assert torch.equal(out.losses.detach(), losses_b.detach()), _largest_difference(out.losses, losses_b)
+    assert torch.equal(out.losses.detach(), losses_b.detach()), "gradient forward differs from the twin's: " + (
+        _largest_difference(out.losses, losses_b)
+    )
     return a, b, out
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "chunk_size"), MODES)
 @pytest.mark.parametrize(("make", "kind"), MODELS)
-def test_selection_leaves_model_as_twin(make: Callable[[], nn.Module], kind: str, mode: str) -> None:
+def test_selection_leaves_model_as_twin(
+    make: Callable[[], nn.Module], kind: str, mode: str, chunk_size: int | None
+) -> None:
     a, b = _twins(make)
     if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in a.parameters()):
         assert_same_model(a, b)  # the twins start equal
-    a, b, out = _run_twins(make, kind, mode)
+    a, b, out = _run_twins(make, kind, mode, chunk_size)
     assert out.candidate_losses.shape == (M, B)
     assert_same_model(a, b)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SELECTION_MODES)
 def test_custom_train_override_is_respected(mode: str) -> None:
     a, _, _ = _run_twins(FrozenStem, "vector", mode)
-    assert a.training and a.requested, "the module's own train(True) must be what restored its mode"
-    assert not a.stem.training and not a.stem[1].training, "the frozen stem must stay in eval mode"
+    assert a.training
+    assert a.requested, "the module's own train(True) must be what restored its mode"
+    assert not a.stem.training, "the frozen stem must stay in eval mode"
+    assert not a.stem[1].training
     assert a.head.training
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_lazy_module_materialised_by_selection(mode: str) -> None:
-    a, _, _ = _run_twins(lambda: _conv(nn.LazyBatchNorm2d()), "image", mode)
+@pytest.mark.parametrize(("mode", "chunk_size"), MODES)
+def test_lazy_module_materialised_by_selection(mode: str, chunk_size: int | None) -> None:
+    a, _, _ = _run_twins(lambda: _conv(nn.LazyBatchNorm2d()), "image", mode, chunk_size)
     bn = a[1]
-    assert type(bn) is nn.BatchNorm2d and bn.weight.shape == (4,)
+    assert type(bn) is nn.BatchNorm2d
+    assert bn.weight.shape == (4,)
     assert int(bn.num_batches_tracked) == 1, "only the gradient forward may count as a tracked batch"
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SELECTION_MODES)
 def test_global_random_state_as_without_selection(mode: str) -> None:
     """Dropout in train-mode selection draws masks, but the global stream ends where a twin's ends."""
     a, b = _twins(lambda: _vector(nn.Dropout(0.5)))

@@ -23,6 +23,7 @@ from lightning_maxup.augment.pointcloud import (
     RandomPointRotation,
     RandomPointScale,
 )
+from lightning_maxup.augment.randaugment import RandAugment
 from lightning_maxup.augment.text import WordEmbeddingDropout, embedding_scale
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Mixup",
     "RandomCrop",
     "RandomHorizontalFlip",
+    "RandAugment",
     "soft_targets",
     # point clouds
     "PointGaussianNoise",

@@ -161,10 +161,8 @@ def _affine_grid(theta: Tensor, height: int, width: int) -> Tensor:
     base[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=device)[:, None])
     base[..., 2].fill_(1)
     scale = torch.tensor([0.5 * width, 0.5 * height], dtype=dtype, device=device)
-    rescaled = (theta.transpose(1, 2) / scale).permute(1, 0, 2).reshape(3, n * 2)
-    # One [H*W, 3] x [3, n*2] product instead of n batched ones: the same dot products, far less overhead.
-    grid = base.view(height * width, 3).mm(rescaled)
-    return grid.view(height, width, n, 2).permute(2, 0, 1, 3)
+    rescaled = theta.transpose(1, 2) / scale
+    return base.view(1, height * width, 3).expand(n, -1, -1).bmm(rescaled).view(n, height, width, 2)
 
 
 def _grid_transform(x: Tensor, grid: Tensor, mode: Interpolation, fill: Tensor | None) -> Tensor:
@@ -182,8 +180,8 @@ def _grid_transform(x: Tensor, grid: Tensor, mode: Interpolation, fill: Tensor |
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Colour ops: torchvision's float kernels with a per-row factor. Each one overwrites `x`, a copy of some rows that
-# RandAugment.apply made (never the caller's tensor), to spare the allocation of temporaries.
+# Colour ops: torchvision's float kernels with a per-row factor. Each one overwrites `x`, a slice of the private
+# buffer of RandAugment.apply (never the caller's tensor), which spares most temporaries.
 # --------------------------------------------------------------------------------------------------------------------
 
 

@@ -53,6 +53,10 @@ class _CommandError(Exception):
     """An error a command reports as one line on stderr, with exit status 2."""
 
 
+class _Interrupted(Exception):
+    """Ctrl-C during certification: reported in one line, with the exit status of SIGINT (130)."""
+
+
 def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
@@ -100,8 +104,8 @@ def build_from_config(config: str | Path) -> tuple[Any, Any]:
 
     Raises:
         FileNotFoundError: If ``config`` is not a file.
-        ValueError: If the YAML is malformed (the message gives the line and column) or lacks a section.
-        argparse.ArgumentError: If a section does not match the classes it names.
+        ValueError: If the YAML is malformed (the message gives the line and column), lacks a section, or a
+            section does not match the classes it names.
     """
     import pytorch_lightning as pl
     from jsonargparse import ArgumentParser
@@ -116,9 +120,13 @@ def build_from_config(config: str | Path) -> tuple[Any, Any]:
     if missing:
         raise ValueError(f"Expected `--config` {str(path)!r} to have `model:` and `data:` sections, missing {missing}")
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(pl.LightningModule, "model", required=True)
-    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
-    cfg = parser.parse_object({"model": raw["model"], "data": raw["data"]})
+    # Plain class types (not `add_subclass_arguments`, which makes them optional) keep the errors short.
+    parser.add_argument("--model", type=pl.LightningModule, required=True)
+    parser.add_argument("--data", type=pl.LightningDataModule, required=True)
+    try:
+        cfg = parser.parse_object({"model": raw["model"], "data": raw["data"]})
+    except argparse.ArgumentError as err:
+        raise ValueError(f"Invalid `--config` {str(path)!r}: {_one_line(err)}") from None
     # `instantiate` replaces `instantiate_classes` from jsonargparse 4.49.
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     init = instantiate(cfg)
@@ -402,25 +410,32 @@ def _run(args: argparse.Namespace) -> Path:
     bar = tqdm(
         total=len(indices), initial=done, desc=f"certify σ={args.sigma:g}", unit="input", disable=args.no_progress
     )
-    for batch in loader:
-        x, y = batch[0].to(device), batch[1].tolist()
-        idx = indices[done : done + len(y)]
-        start = time.perf_counter()
-        # Noise keyed by dataset index: an input's rows do not depend on where the run started.
-        keys = torch.as_tensor(idx, dtype=torch.int64, device=device)
-        prediction, radius = smooth.certify_batch(
-            x, args.n0, args.n, args.alpha, args.batch_size, keys=keys, seed=args.seed
-        )
-        seconds = (time.perf_counter() - start) / len(y)
-        run.append(
-            [
-                format_row(i, label, p, r, int(p == label), seconds)
-                for i, label, p, r in zip(idx, y, prediction.tolist(), radius.tolist(), strict=True)
-            ]
-        )
-        done += len(y)
-        bar.update(len(y))
-    bar.close()
+    try:
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].tolist()
+            idx = indices[done : done + len(y)]
+            start = time.perf_counter()
+            # Noise keyed by dataset index: an input's rows do not depend on where the run started.
+            keys = torch.as_tensor(idx, dtype=torch.int64, device=device)
+            prediction, radius = smooth.certify_batch(
+                x, args.n0, args.n, args.alpha, args.batch_size, keys=keys, seed=args.seed
+            )
+            seconds = (time.perf_counter() - start) / len(y)
+            run.append(
+                [
+                    format_row(i, label, p, r, int(p == label), seconds)
+                    for i, label, p, r in zip(idx, y, prediction.tolist(), radius.tolist(), strict=True)
+                ]
+            )
+            done += len(y)
+            bar.update(len(y))
+    except KeyboardInterrupt:
+        raise _Interrupted(
+            f"interrupted after {done} of {len(indices)} inputs; rerun the same command to resume from"
+            f" {str(run.path)!r}"
+        ) from None
+    finally:
+        bar.close()
     run.finish()
     return outfile
 
@@ -429,7 +444,7 @@ def certify_main(argv: list[str] | None = None) -> int:
     """Run ``lightning-maxup certify``; returns the exit status.
 
     Errors in the arguments, the config, the checkpoint or a partial file to resume are one line on stderr,
-    with exit status 2.
+    with exit status 2. Ctrl-C stops with status 130, keeping the rows certified so far for a rerun to resume.
 
     Example:
         >>> certify_main(["--help"])  # doctest: +ELLIPSIS
@@ -446,6 +461,9 @@ def certify_main(argv: list[str] | None = None) -> int:
     except _CommandError as err:
         print(f"lightning-maxup certify: error: {err}", file=sys.stderr)
         return 2
+    except _Interrupted as err:
+        print(f"lightning-maxup certify: {err}", file=sys.stderr)
+        return 130
     cert = read_certification(outfile)
     label = sigma_label(args.sigma)
     radii = table_radii()

@@ -48,10 +48,13 @@ __all__ = [
 
 #: The class returned when the smoothed classifier abstains.
 ABSTAIN = -1
-#: Cohen et al.'s defaults.
+#: Cohen et al.'s default number of noise samples for choosing the class (CERTIFY's ``n0``).
 DEFAULT_N0 = 100
+#: Cohen et al.'s default number of noise samples for the estimate (CERTIFY's ``n``).
 DEFAULT_N = 100_000
+#: Cohen et al.'s default failure probability of a certificate.
 DEFAULT_ALPHA = 0.001
+#: Noisy copies per forward pass by default.
 DEFAULT_BATCH_SIZE = 1000
 
 # Stages of the noise stream, so the selection and estimation draws of one input differ.

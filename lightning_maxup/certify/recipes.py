@@ -19,12 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_maxup import random as lr
+from lightning_maxup._lightning import pl
 from lightning_maxup._state import modes_restored
 from lightning_maxup.augment import GaussianNoise
 from lightning_maxup.callback import MaxUp
@@ -66,6 +66,7 @@ MAXUP_GAUSS_M_GRID: tuple[int, ...] = (5, 25, 50, 100, 150)
 
 #: The names of the recipes :func:`build_recipe` builds.
 Recipe = Literal["gaussian", "maxup_gauss", "smoothadv"]
+#: The name of every recipe.
 RECIPES: tuple[Recipe, ...] = ("gaussian", "maxup_gauss", "smoothadv")
 #: The keyword arguments of :func:`build_recipe` that set the recipe (the others configure the optimizer).
 RECIPE_OPTIONS: tuple[str, ...] = ("sigma", "m", "epsilon", "steps", "noise_samples", "warmup_epochs", "seed")

@@ -37,6 +37,7 @@ __all__ = [
     "write_certification",
 ]
 
+#: The tab-separated columns of a certification file, as Cohen et al. write them.
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 _HEADER = "\t".join(COLUMNS)
 

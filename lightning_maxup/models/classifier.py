@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_maxup._lightning import pl
 from lightning_maxup.config import MaxUpConfig, option_names
 from lightning_maxup.mixin import MaxUpMixin
 
