@@ -18,6 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
+# With `import lightning.pytorch as pl` instead, set LIGHTNING_MAXUP_NAMESPACE=lightning.pytorch when both are
+# installed, so the library's modules are built on it too (docs/namespaces.md).
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn

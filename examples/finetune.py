@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+# With `import lightning.pytorch as pl` instead, set LIGHTNING_MAXUP_NAMESPACE=lightning.pytorch when both are
+# installed, so the library's modules are built on it too (docs/namespaces.md).
 import pytorch_lightning as pl
 
 from lightning_maxup import MaxUp

@@ -39,7 +39,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytorch_lightning as pl
+import pytorch_lightning as pl  # or `import lightning.pytorch as pl`: either works (docs/namespaces.md)
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

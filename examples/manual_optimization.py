@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+# With `import lightning.pytorch as pl` instead, set LIGHTNING_MAXUP_NAMESPACE=lightning.pytorch when both are
+# installed, so the library's modules are built on it too (docs/namespaces.md).
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F

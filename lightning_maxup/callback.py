@@ -82,7 +82,7 @@ class MaxUp(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._skip_warmup = bool(trainer.fast_dev_run) and self.warmup_epochs > 0
+        self._skip_warmup = bool(getattr(trainer, "fast_dev_run", False)) and self.warmup_epochs > 0
         if self._skip_warmup:
             rank_zero_info("MaxUp: `fast_dev_run` skips the warm-up, so the dev run exercises MaxUp steps")
             return

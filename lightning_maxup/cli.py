@@ -45,10 +45,12 @@ def version() -> str:
     return lightning_maxup.__version__
 
 
-def _lightning_cli_class() -> type:
-    from pytorch_lightning.cli import LightningCLI
+def _lightning_cli_class(namespace: Any) -> type:
+    import importlib
 
-    class _CLI(LightningCLI):
+    lightning_cli: Any = importlib.import_module(f"{namespace.__name__}.cli").LightningCLI  # of either namespace
+
+    class _CLI(lightning_cli):
         """LightningCLI that parses the ``argv`` it is given without comparing it with ``sys.argv``.
 
         LightningCLI warns whenever ``args`` is passed while ``sys.argv`` holds arguments, which is always the case
@@ -67,14 +69,16 @@ def cli_main(argv: list[str] | None = None) -> None:
     Raises:
         jsonargparse.ArgumentError: On a malformed or invalid configuration (:func:`main` prints it in one block).
     """
-    import pytorch_lightning as pl
+    from lightning_maxup._lightning import cli_namespace
 
-    _lightning_cli_class()(
+    args = list(sys.argv[1:] if argv is None else argv)
+    pl = cli_namespace(args)  # `pytorch_lightning` or `lightning.pytorch`: that of the config's own classes
+    _lightning_cli_class(pl)(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=list(sys.argv[1:] if argv is None else argv),
+        args=args,
         save_config_kwargs={"overwrite": True},
         # Raise instead of printing the whole usage (dozens of lines) before the message; `main` prints it.
         parser_kwargs={"exit_on_error": False, "prog": _PROG},

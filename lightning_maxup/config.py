@@ -37,14 +37,14 @@ _FORMATS: dict[str, torch.memory_format] = {
 def _dtype_name(value: Any) -> SelectionDtype | None:
     if isinstance(value, torch.dtype):
         precision(value, None, dtype_name="selection_dtype")
-        return next(k for k, v in _DTYPES.items() if v == value)  # type: ignore[return-value]
+        return next(k for k, v in _DTYPES.items() if v == value)  # type: ignore[misc]
     return None if value is None else one_of(value, "selection_dtype", (*_DTYPES, None))
 
 
 def _format_name(value: Any) -> SelectionFormat | None:
     if isinstance(value, torch.memory_format):
         precision(None, value, format_name="selection_memory_format")
-        return next(k for k, v in _FORMATS.items() if v == value)  # type: ignore[return-value]
+        return next(k for k, v in _FORMATS.items() if v == value)  # type: ignore[misc]
     return None if value is None else one_of(value, "selection_memory_format", (*_FORMATS, None))
 
 

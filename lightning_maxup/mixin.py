@@ -368,6 +368,8 @@ class MaxUpMixin:
         log(f"maxup/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
 
     def _maxup_log(self, out: MaxUpOutput) -> None:
+        if self._maxup_trainer() is None:  # a plain loop calling maxup_step: nothing to log to
+            return
         b = int(out.losses.shape[0])
         self._maxup_log_value("loss", out.loss.detach(), b, prog_bar=True)
         self.log("maxup/m", float(out.m), on_step=True, on_epoch=False, batch_size=b)  # type: ignore[attr-defined]

@@ -328,3 +328,42 @@ def test_bf16_agrees_with_float32_on_the_same_noise() -> None:
     # here); the bf16 - fp32 difference on the same noise stayed below 0.007 over eight seeds.
     diff = (r32 - r16).abs().max()
     assert diff <= 0.05 * sigma, f"largest radius difference {float(diff):.4f}"
+
+
+class InputRecorder(nn.Module):
+    """Records every input batch it is given; constant logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.inputs.append(x.clone())
+        return torch.zeros(len(x), 2)
+
+
+@pytest.mark.parametrize(
+    ("b", "num", "batch_size"),
+    [
+        pytest.param(3, 50, 64, id="few-inputs-per-forward"),
+        pytest.param(40, 2, 64, id="many-inputs-per-forward"),
+        pytest.param(2, 10, 1000, id="one-forward"),
+        pytest.param(5, 7, 3, id="chunks-within-an-input"),
+    ],
+)
+def test_noisy_copies_are_bit_identical_to_a_row_by_row_reference(b: int, num: int, batch_size: int) -> None:
+    # Reference: each row is its input plus σ times the generator's next normal draws, chunk by chunk, with the
+    # plain `input + sigma * noise` arithmetic; the fp32 path must reproduce it bit for bit.
+    x, sigma = torch.randn(b, 3, 4, 4), 0.37
+    net = InputRecorder()
+    Smooth(net, num_classes=2, sigma=sigma).sample_counts(
+        x, num, batch_size, generator=torch.Generator().manual_seed(5)
+    )
+    g = torch.Generator().manual_seed(5)
+    rows = [(r // num) for r in range(b * num)]
+    for k, got in enumerate(net.inputs):
+        chunk = rows[k * batch_size : (k + 1) * batch_size]
+        noise = torch.randn((len(chunk), 3, 4, 4), generator=g)
+        expected = torch.stack([x[i] + sigma * noise[j] for j, i in enumerate(chunk)])
+        assert torch.equal(got, expected), f"chunk {k}: largest difference {(got - expected).abs().max():.3g}"
+    assert sum(len(t) for t in net.inputs) == b * num

@@ -211,7 +211,9 @@ def test_bad_layers_raise(bad: Any) -> None:
 
 
 def test_warns_when_nothing_to_freeze(tmp_path: Path) -> None:
-    model = MaxUpClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), num_classes=4, m=2, seed=0)
+    model = MaxUpClassifier(
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), num_classes=4, m=2, augment=GaussianNoise(0.1), seed=0
+    )
     with pytest.warns(UserWarning, match="found no normalisation layer"):
         _fit(model, [FreezeNormalization()], tmp_path, max_steps=1)
 

@@ -170,6 +170,9 @@ class _Recorder(Callback):
         self.m.append((trainer.current_epoch, pl_module.maxup_active_m))
 
 
+# The interrupted leg stops inside the warm-up on purpose, and resumes without its checkpoint callback.
+@pytest.mark.filterwarnings("ignore:This fit never runs a MaxUp step")
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 @pytest.mark.parametrize(
     "stop",
     [

@@ -117,10 +117,13 @@ def _library_callback_classes() -> list[type]:
 def test_every_library_callback_is_a_callback_of_both_namespaces():
     classes = _library_callback_classes()
     assert {cls.__name__ for cls in classes} >= {"MaxUp", "FreezeNormalization", "EpochTimer"}
-    for cls in classes:
-        for ns in NAMESPACES:
-            module = importlib.import_module(ns)
-            assert issubclass(cls, module.Callback), f"{cls.__module__}.{cls.__qualname__} is no {ns}.Callback"
+    missing = [
+        f"{cls.__module__}.{cls.__qualname__} is no {ns}.Callback"
+        for cls in classes
+        for ns in NAMESPACES
+        if not issubclass(cls, importlib.import_module(ns).Callback)
+    ]
+    assert not missing, "derive from lightning_maxup._lightning.Callback: " + "; ".join(missing)
     assert isinstance(MaxUp(), lightning.pytorch.Callback)
     assert isinstance(MaxUp(), pytorch_lightning.Callback)
 
@@ -131,6 +134,16 @@ def test_namespace_is_the_default_or_the_environment_variable():
     from lightning_maxup.models import MaxUpClassifier
 
     assert issubclass(MaxUpClassifier, importlib.import_module(expected).LightningModule)
+
+
+def test_lightning_install_list_matches_the_dependencies():
+    """docs/namespaces.md's requirements for a `lightning` environment: every dependency but pytorch-lightning."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    doc = (ROOT / "docs" / "namespaces.md").read_text()
+    block = doc.split("# requirements-lightning.txt", 1)[1].split("```", 1)[0]
+    listed = [line for line in block.splitlines()[1:] if line.strip()]
+    assert listed == [d for d in dependencies if not d.startswith("pytorch-lightning")]
 
 
 def test_unknown_namespace_in_the_environment_raises(monkeypatch):
@@ -156,13 +169,18 @@ def test_resume_mid_warmup_matches_an_uninterrupted_run(namespace, tmp_path):
 
     namespace.seed_everything(0, verbose=False)
     first = cls()
-    ckpt = namespace.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
-    stop = _trainer(namespace, max_epochs=1, callbacks=[MaxUp(warmup_epochs=2), ckpt], enable_checkpointing=True)
-    stop.fit(first)
+
+    def callbacks() -> list[Any]:
+        return [MaxUp(warmup_epochs=2), namespace.callbacks.ModelCheckpoint(tmp_path, save_last=True, save_top_k=0)]
+
+    stop = _trainer(namespace, max_epochs=1, callbacks=callbacks(), enable_checkpointing=True)
+    with pytest.warns(UserWarning, match="This fit never runs a MaxUp step"):  # it stops within the warm-up
+        stop.fit(first)
 
     namespace.seed_everything(0, verbose=False)
     resumed = cls()
-    _trainer(namespace, max_epochs=3, callbacks=[MaxUp(warmup_epochs=2)]).fit(resumed, ckpt_path=tmp_path / "last.ckpt")
+    resume = _trainer(namespace, max_epochs=3, callbacks=callbacks(), enable_checkpointing=True)
+    resume.fit(resumed, ckpt_path=tmp_path / "last.ckpt")
     assert first.schedule + resumed.schedule == full.schedule
     for key, value in full.state_dict().items():
         diff = (value - resumed.state_dict()[key]).abs().max().item()
@@ -325,8 +343,38 @@ def _fresh_process_checks(namespace: str, directory: str) -> None:
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_library_modules_follow_the_namespace(namespace, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != _lightning.ENV_VAR}
-    code = f"from tests.test_namespaces import _fresh_process_checks; _fresh_process_checks({namespace!r}, {str(tmp_path)!r})"
+    code = f"import tests.test_namespaces as t; t._fresh_process_checks({namespace!r}, {str(tmp_path)!r})"
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+LIGHTNING_ONLY = """
+import sys
+
+sys.modules["pytorch_lightning"] = sys.modules["lightning_fabric"] = None  # as if only `lightning` were installed
+
+import lightning as L
+from lightning_maxup import MaxUp, _lightning
+from lightning_maxup.data import DigitsDataModule
+from lightning_maxup.models import MaxUpClassifier, SmallCNN
+
+assert list(_lightning.installed()) == ["lightning.pytorch"], _lightning.installed()
+assert _lightning.namespace() == "lightning.pytorch"
+model = MaxUpClassifier(SmallCNN(1, 10, width=4), 10, m=2)
+trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, callbacks=[MaxUp(warmup_epochs=0)])
+trainer.fit(model, DigitsDataModule())
+assert trainer.global_step == 2
+"""
+
+
+@pytest.mark.slow
+def test_lightning_only_install_needs_no_configuration(tmp_path):
+    """`pip install lightning` + `pip install --no-deps lightning_maxup` (docs/namespaces.md): no pytorch_lightning."""
+    env = {k: v for k, v in os.environ.items() if k != _lightning.ENV_VAR}
+    proc = subprocess.run(
+        [sys.executable, "-c", LIGHTNING_ONLY], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -10,7 +10,7 @@ The op list and the magnitude of each op at each bin follow torchvision's ``tran
 reproduces torchvision's tensor kernel on float images (tested against it, row by row). The batch is never
 looped over: for each of the ``num_ops`` slots the rows are sorted by op, each op runs once on its rows with
 per-row parameters (all five geometric ops share one ``grid_sample`` with one inverse affine matrix per row;
-equalisation builds all histograms with one ``scatter_add``), and the rows are put back in place.
+equalisation builds all histograms with one ``scatter_add``); one gather restores the row order at the end.
 """
 
 from __future__ import annotations
@@ -241,8 +241,10 @@ def _autocontrast_(x: Tensor, v: Tensor) -> None:
 
 def _equalize_(x: Tensor, v: Tensor) -> None:
     """Per-channel histogram equalisation of the image quantised to uint8, with PIL's lookup table (torchvision)."""
-    # torchvision's float -> uint8 conversion, x * 255.999 truncated, as int64 bin indices.
-    levels = x.view(*x.shape[:2], -1).mul_(255.999).long()
+    # torchvision's float -> uint8 conversion, x * 255.999 truncated, as int64 bin indices; in float32 for 16-bit
+    # floats, in which 255.999 rounds to 256.
+    flat = x.view(*x.shape[:2], -1)
+    levels = (flat.float() if flat.dtype.itemsize < 4 else flat).mul_(255.999).long().clamp_(0, 255)
     hist = torch.zeros(*levels.shape[:2], 256, dtype=torch.int64, device=x.device)
     hist.scatter_add_(-1, levels, hist.new_ones(1).expand_as(levels))
     cum = hist.cumsum(-1)
@@ -268,7 +270,7 @@ _COLOUR_OPS: dict[str, Callable[[Tensor, Tensor], None]] = {
 
 
 class RandAugment(Augmentation):
-    """RandAugment (Cubuk et al., 2019) with every row drawing its own ops, signs and magnitudes.
+    """RandAugment (Cubuk et al., 2019, arXiv:1909.13719) with every row drawing its own ops, signs and magnitudes.
 
     Each row applies ``num_ops`` ops in turn, each drawn uniformly from the 14 of :data:`OPS` (Identity, ShearX,
     ShearY, TranslateX, TranslateY, Rotate, Brightness, Color, Contrast, Sharpness, Posterize, Solarize,
@@ -288,7 +290,7 @@ class RandAugment(Augmentation):
             whose scale has 31 bins, ``0..30``).
         num_magnitude_bins: Number of bins of the magnitude scale.
         random_magnitude: Draw each row's magnitude for each op uniformly from ``[0, magnitude]`` (continuous)
-            instead of using ``magnitude`` itself (the paper's random-magnitude variant).
+            instead of using ``magnitude`` itself (a common variant, e.g. timm's ``mstd=inf``).
         fill: Value written where a geometric op moves pixels in from outside the image: one number, or one per
             channel.
         interpolation: ``"nearest"`` (torchvision's default for RandAugment) or ``"bilinear"``.
@@ -374,7 +376,7 @@ class RandAugment(Augmentation):
             if key not in params or tuple(params[key].shape) != expected:
                 got = tuple(params[key].shape) if key in params else "nothing"
                 raise ValueError(f"Expected `params[{key!r}]` of shape {expected}, got {got}")
-        op = params["op"].to(x.device)
+        op = params["op"].to(device=x.device, dtype=torch.int64)
         h, w = int(x.shape[2]), int(x.shape[3])
         return op, op_values(op, params["magnitude"], params["sign"], self.num_magnitude_bins, h, w)
 

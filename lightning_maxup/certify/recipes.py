@@ -215,8 +215,9 @@ class SmoothAdvClassifier(Classifier):
                 x = smooth_adv_attack(self.backbone, x, y, noise, eps, int(hp.steps))
         logits = self((x[None] + noise).reshape(m * b, *x.shape[1:]))
         loss = F.cross_entropy(logits, y.repeat(m))
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log("smoothadv/epsilon", eps, batch_size=b)
+        if self._trainer is not None:  # called from a plain loop: nothing to log to
+            self.log("train/loss", loss, prog_bar=True, batch_size=b)
+            self.log("smoothadv/epsilon", eps, batch_size=b)
         return loss
 
 
