@@ -60,14 +60,15 @@ ORDINARY = "ordinary augmentation"
 DEFAULT_THREADS = 1
 #: Why the default is 1, printed with the thread count (measured for the README on the 2-core CI machine).
 THREADS_WHY = (
-    "the default: these networks are too small to gain from a second thread, and on a shared 2-core machine"
-    " one demo-sized training took 23 s at 1 thread and 245 s at 2; see --help"
+    "the default: these networks are too small to need a second thread, and on a shared 2-core machine a"
+    " demo-sized training took 23 s at 1 thread and 245 s at 2; see --help"
 )
 THREADS_HELP = """threads:
   The demo sets torch's intra-op and inter-op thread counts (--threads, default 1) before any tensor work and
-  prints them. Its networks are tiny: a second thread saves little even on an idle machine, and when the cores
-  are shared the threads wait for each other. A demo-sized training (a MaxUp CNN and a MaxUp + Gauss MLP, 10
-  epochs each, then certification) on 2 cores shared with other jobs took 23 s at 1 thread and 245 s at 2.
+  prints them. Its networks are tiny, and when the cores are shared a thread that waits for a busy core stalls
+  every step. Measured on a 2-core machine shared with other jobs (load average 7 to 13): a demo-sized training
+  (a MaxUp CNN and a MaxUp + Gauss MLP, 10 epochs each, then certification) took 23 s at 1 thread and 245 s
+  at 2; with a competing busy loop added, 66 s and 451 s.
 """
 RECIPE_LABELS = {"gaussian": "Gaussian", "maxup_gauss": "MaxUp + Gauss"}
 
@@ -494,8 +495,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=f"torch threads (default {DEFAULT_THREADS})")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
-    p.add_argument("--out", type=Path, default=Path("maxup_demo"), help="folder for the plot and the tables")
-    p.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, n = 100: checks the whole path, no result")
+    p.add_argument(
+        "--out", type=Path, default=Path("maxup_demo"), help="folder for the plot and the tables (default ./maxup_demo)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 seed, 3 epochs, n = 100: checks the whole path; its numbers mean nothing",
+    )
     p.add_argument("--no-progress", action="store_true", help="print only the tables, not a line per run")
     clean = p.add_argument_group("part 1, clean accuracy")
     clean.add_argument("--train-per-class", type=int, help=f"training images per class (default {d.per_class})")

@@ -379,6 +379,7 @@ class MaxUpMixin:
         self._maxup_log_value("mean_loss", out.mean_candidate_loss, b)
         self._maxup_log_value("gap", out.gap, b)
         augment = self.maxup_config.augment
+        augment = getattr(augment, "__wrapped__", augment)  # a monitor may wrap it on the steps it records
         if isinstance(augment, GaussianNoise):
             self._maxup_log_value("grad_norm", gradient_norm_estimate(out.candidate_losses, augment.sigma), b)
 

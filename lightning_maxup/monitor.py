@@ -435,10 +435,11 @@ def selection_rate_maps(stats: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Te
 
 
 def _histogram(ax: Any, name: str, drawn: Tensor, chosen: Tensor) -> None:
-    bins = _bins(drawn)
-    ax.hist(drawn.numpy(), bins=bins, density=True, color="0.7", label=f"all {drawn.numel()} draws")
-    ax.hist(chosen.numpy(), bins=bins, density=True, histtype="step", linewidth=2, color="#e41a1c",
-            label=f"{chosen.numel()} selected")  # fmt: skip
+    edges = np.histogram_bin_edges(drawn.numpy(), bins=_bins(drawn))
+    every, _ = np.histogram(drawn.numpy(), bins=edges, density=True)
+    picked, _ = np.histogram(chosen.numpy(), bins=edges, density=True)
+    ax.stairs(every, edges, fill=True, color="0.7", label=f"all {drawn.numel()} draws")
+    ax.stairs(picked, edges, linewidth=2, color="#e41a1c", label=f"{chosen.numel()} selected")
     ax.set_title(f"{name}\nmean {float(drawn.mean()):.3g} (all), {float(chosen.mean()):.3g} (selected)", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6, loc="upper right")
