@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_maxup._state import preserved as selection_context
 from lightning_maxup.augment import Compose, Cutout, RandomCrop, RandomHorizontalFlip
 from lightning_maxup.functional import (
     downsample_view,
@@ -52,7 +53,6 @@ from lightning_maxup.functional import (
     maxup_step,
     select_worst,
 )
-from lightning_maxup._state import preserved as selection_context
 
 try:  # `python benchmarks/step_cost.py` puts benchmarks/ on sys.path; `python -m benchmarks.step_cost` does not
     from _common import environment, markdown_table, replace_between_markers, time_call, time_interleaved, write_json

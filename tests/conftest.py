@@ -15,8 +15,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-
 # A `ddp_spawn` child sometimes aborts in gloo's teardown ("terminate called without an active exception") after
 # its work is done: once in about four full-suite runs on a 2-core machine, never in isolated reruns. The tests
-# that spawn processes are marked with pytest-rerunfailures' `flaky(reruns=1, only_rerun=["ProcessExitedException.*SIGABRT"])`, which
-# reruns that exact failure once (the rerun must pass every assertion again) and nothing else.
+# that spawn processes are marked with pytest-rerunfailures'
+# `flaky(reruns=1, only_rerun=["ProcessExitedException.*SIGABRT"])`, which reruns that exact failure once (the
+# rerun must pass every assertion again) and nothing else.

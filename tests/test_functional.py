@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_maxup._state import preserved
 from lightning_maxup.augment import GaussianNoise
 from lightning_maxup.functional import (
     downsample_view,
@@ -17,7 +18,6 @@ from lightning_maxup.functional import (
     maxup_step,
     select_worst,
 )
-from lightning_maxup._state import preserved
 
 
 def _mlp() -> nn.Module:
@@ -357,7 +357,8 @@ def test_bf16_channels_last_selection_picks_nearly_the_same_copies():
     full = maxup_step(
         _loss_fn(net), batch, augment=GaussianNoise(1.0), m=4, generator=torch.Generator().manual_seed(1), model=net
     )
-    fast = maxup_step(_loss_fn(net), batch, augment=GaussianNoise(1.0), m=4, generator=torch.Generator().manual_seed(1), model=net,
+    fast = maxup_step(
+        _loss_fn(net), batch, augment=GaussianNoise(1.0), m=4, generator=torch.Generator().manual_seed(1), model=net,
         selection_dtype=torch.bfloat16, selection_memory_format=torch.channels_last,
     )  # fmt: skip
     assert dtypes == [torch.float32, torch.float32, torch.bfloat16, torch.float32]
