@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -59,6 +60,12 @@ NAMESPACES: tuple[Namespace, ...] = ("pytorch_lightning", "lightning.pytorch")
 #: Environment variable that picks the namespace of the library's LightningModules when both are installed.
 ENV_VAR = "LIGHTNING_MAXUP_NAMESPACE"
 _LIBRARY_PREFIX = "lightning_maxup."
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _is_class_path(value: Any) -> bool:
+    return isinstance(value, str) and bool(_DOTTED.fullmatch(value)) and not value.endswith(_CONFIG_SUFFIXES)
 
 
 def _import(name: Namespace) -> ModuleType | None:
@@ -113,7 +120,10 @@ def _env_choice() -> Namespace | None:
 def namespace() -> Namespace:
     """The namespace the library's LightningModules and DataModules derive from, fixed on the first call."""
     global _chosen
-    chosen = _chosen or _env_choice() or next(iter(_INSTALLED))
+    if _chosen is not None:
+        return _chosen
+    env = _env_choice()
+    chosen = env if env is not None else next(iter(_INSTALLED))
     _chosen = chosen
     return chosen
 
@@ -137,37 +147,44 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _class_path(value: Any) -> str | None:
-    """The ``class_path`` of a config entry: a dict with one, or a dotted name."""
-    if isinstance(value, dict):
-        value = value.get("class_path")
-    return value if isinstance(value, str) and "." in value and not value.endswith((".yaml", ".yml")) else None
-
-
-def _config_class_paths(path: str) -> list[str]:
+def _yaml(value: str) -> Any:
+    """A YAML file's content, or ``value`` itself read as YAML (jsonargparse takes both); ``None`` if unreadable."""
     import yaml
 
     try:
-        config = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return []  # LightningCLI reports an unreadable config in its own words
-    if not isinstance(config, dict):
-        return []
-    return [p for key in ("model", "data") if (p := _class_path(config.get(key))) is not None]
+        text = Path(value).read_text()
+    except (OSError, ValueError):
+        text = value
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None  # LightningCLI reports an unreadable config in its own words
+
+
+def _class_path(value: Any) -> str | None:
+    """The ``class_path`` of a config entry: a dotted name, or a mapping or YAML file with one."""
+    if isinstance(value, str) and not _is_class_path(value):
+        value = _yaml(value)
+    if isinstance(value, dict):
+        value = value.get("class_path")
+    return value if _is_class_path(value) else None
 
 
 def _cli_class_paths(argv: Sequence[str]) -> list[str]:
-    """The model and data ``class_path`` values that ``argv`` names, in configs and on the command line."""
-    paths: list[str] = []
+    """The model and data ``class_path`` values that ``argv`` names; a later argument overrides an earlier one."""
+    found: dict[str, str] = {}
     for i, arg in enumerate(argv):
         key, eq, value = arg.partition("=")
         if not eq:
             value = argv[i + 1] if i + 1 < len(argv) else ""
-        if key in ("--config", "-c"):
-            paths += _config_class_paths(value)
+        if key in ("--config", "-c") and isinstance(config := _yaml(value), dict):
+            entries = {name: config.get(name) for name in ("model", "data")}
         elif key in ("--model", "--data", "--model.class_path", "--data.class_path"):
-            paths += [p for p in [_class_path(value)] if p is not None]
-    return paths
+            entries = {key[2:].partition(".")[0]: value}
+        else:
+            continue
+        found.update({name: path for name, entry in entries.items() if (path := _class_path(entry)) is not None})
+    return list(found.values())
 
 
 def _namespace_of(path: str) -> Namespace | None:

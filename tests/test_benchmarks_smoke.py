@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/step_cost.py: it runs end to end and writes what it promises. Nothing is timed here."""
+"""Smoke tests of the benchmarks: they run end to end and write what they promise. Nothing is timed here."""
 
 from __future__ import annotations
 
@@ -144,3 +144,29 @@ def test_replace_between_markers_leaves_unmarked_files_alone(common: ModuleType,
     doc.write_text("no markers\n")
     assert not common.replace_between_markers(doc, "x", "table")
     assert doc.read_text() == "no markers\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "outputs"),
+    [
+        pytest.param("selection_fidelity.py", ["--json", "sf.json", "--plot", "sf.png"], id="selection-fidelity"),
+        pytest.param("certify_speed.py", ["--json", "cs.json"], id="certify-speed"),
+    ],
+)
+def test_benchmark_quick_run_prints_a_table_and_writes_json(script: str, outputs: list[str], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    args = [a if not a.endswith((".json", ".png")) else str(tmp_path / a) for a in outputs]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", *args],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "|" in proc.stdout, "the benchmark must print its table"
+    for a in args:
+        if a.endswith(".json"):
+            assert json.loads(Path(a).read_text())
+        if a.endswith(".png"):
+            assert Path(a).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

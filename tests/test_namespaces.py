@@ -276,6 +276,8 @@ def _write_user_module(directory: Path, namespace: str, **config: Any) -> Path:
     options = {"in_features": 4, "num_classes": 3, "data": f"{module}.D", **config}
     path = directory / f"{module}.yaml"
     path.write_text(CLI_CONFIG.format(module=module, **options))
+    sys.modules.pop(module, None)  # a fresh import from `directory`, with an empty SCHEDULE
+    importlib.invalidate_caches()
     return path
 
 
@@ -292,10 +294,12 @@ def test_cli_fits_a_user_module_of_either_namespace(namespace, tmp_path, monkeyp
     assert user.SCHEDULE == [(0, 1)] * 3 + [(1, 3)] * 3
 
 
-def test_cli_rejects_classes_from_both_namespaces(tmp_path, monkeypatch):
+def test_cli_namespace_follows_overrides_and_rejects_mixed_classes(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     config = _write_user_module(tmp_path, "pytorch_lightning")
     _write_user_module(tmp_path, "lightning.pytorch")
+    overrides = ["--model", "usermod_lightning_pytorch.M", "--data.class_path=usermod_lightning_pytorch.D"]
+    assert _lightning.cli_namespace(["--config", str(config), *overrides]) is lightning.pytorch  # the last word wins
     argv = ["--config", str(config), "--data", "usermod_lightning_pytorch.D"]
     with pytest.raises(
         argparse.ArgumentError, match=r"both Lightning namespaces: `usermod_pytorch_lightning.M` \(pytorch_lightning"

@@ -290,27 +290,6 @@ def _check_generator(generator: torch.Generator | None, x: Tensor) -> None:
         )
 
 
-# Above this many inputs per chunk, one gather beats a Python loop of broadcast additions.
-_MAX_RUNS = 8
-
-
-def _add_inputs(noise: Tensor, x: Tensor, start: int, num: int, owner: Tensor) -> Tensor:
-    """``x[owner] + noise`` for the rows ``start, start + 1, ...``, computed in ``noise``'s memory.
-
-    The rows of a chunk belong to a run of consecutive inputs, so when there are few of them each input is added
-    to its rows by broadcasting: no gathered copy of the inputs and no new tensor, the cost that kept certification
-    a few percent above the bare noisy forward. The sums are the same floating-point operations as
-    ``x.index_select(0, owner) + noise``, so the result is bit-identical.
-    """
-    stop = start + len(noise)
-    first, last = start // num, (stop - 1) // num
-    if last - first >= _MAX_RUNS:
-        return noise.add_(x.index_select(0, owner))
-    for i in range(first, last + 1):
-        noise[max(i * num, start) - start : min((i + 1) * num, stop) - start].add_(x[i])
-    return noise
-
-
 def sample_counts(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -374,7 +353,7 @@ def sample_counts(
         row_keys = None
         if keys is not None:
             row_keys = torch.stack([keys.to(x.device)[owner], torch.full_like(rows, stage), rows % num], dim=1)
-        noisy = _add_inputs(_noise(shape, x, generator, row_keys, seed).mul_(sigma), x, start, num, owner)
+        noisy = x.index_select(0, owner) + sigma * _noise(shape, x, generator, row_keys, seed)
         try:
             logits = model(noisy)
         except RuntimeError as err:
