@@ -28,11 +28,11 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_maxup._lightning import pl
 from lightning_maxup.augment import Compose, Cutout, RandomCrop
 from lightning_maxup.callback import MaxUp
 from lightning_maxup.certify import Smooth, certified_accuracy

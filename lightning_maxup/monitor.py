@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_maxup._lightning import Callback, pl
 from lightning_maxup._validation import positive_int
 from lightning_maxup.augment import (
     Augmentation,

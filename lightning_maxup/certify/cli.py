@@ -107,8 +107,9 @@ def build_from_config(config: str | Path) -> tuple[Any, Any]:
         ValueError: If the YAML is malformed (the message gives the line and column), lacks a section, or a
             section does not match the classes it names.
     """
-    import pytorch_lightning as pl
     from jsonargparse import ArgumentParser
+
+    from lightning_maxup._lightning import cli_namespace
 
     path = Path(config)
     if not path.is_file():
@@ -119,6 +120,7 @@ def build_from_config(config: str | Path) -> tuple[Any, Any]:
     missing = [key for key in ("model", "data") if key not in raw]
     if missing:
         raise ValueError(f"Expected `--config` {str(path)!r} to have `model:` and `data:` sections, missing {missing}")
+    pl = cli_namespace(["--config", str(path)])  # the namespace of the config's classes
     parser = ArgumentParser(exit_on_error=False)
     # Plain class types (not `add_subclass_arguments`, which makes them optional) keep the errors short.
     parser.add_argument("--model", type=pl.LightningModule, required=True)

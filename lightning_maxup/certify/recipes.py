@@ -304,6 +304,9 @@ class SmoothedCertifier(pl.LightningModule):
         batch_size: Rows per forward of the base classifier.
         radii: Radii at which certified accuracy is logged.
         seed: Seed of the certification noise.
+        dtype: Reduced precision of the noisy forwards (``torch.bfloat16``), as in
+            :class:`~lightning_maxup.certify.Smooth`; the certificate then holds for that classifier.
+        memory_format: Memory format of the noisy copies (``torch.channels_last``).
 
     Example:
         >>> cert = SmoothedCertifier(nn.Linear(4, 3), num_classes=3, sigma=0.25, n0=10, n=100, radii=[0.0, 0.25])
@@ -322,10 +325,12 @@ class SmoothedCertifier(pl.LightningModule):
         batch_size: int = DEFAULT_BATCH_SIZE,
         radii: Sequence[float] = TABLE_RADII,
         seed: int = 0,
+        dtype: torch.dtype | None = None,
+        memory_format: torch.memory_format | None = None,
     ) -> None:
         super().__init__()
         self.model = model
-        self.smooth = Smooth(model, num_classes, sigma)
+        self.smooth = Smooth(model, num_classes, sigma, dtype=dtype, memory_format=memory_format)
         self.n0 = check_count(n0, "n0")
         self.n = check_count(n, "n")
         self.alpha = check_alpha(alpha)
