@@ -60,15 +60,18 @@ ORDINARY = "ordinary augmentation"
 DEFAULT_THREADS = 1
 #: Why the default is 1, printed with the thread count (measured for the README on the 2-core CI machine).
 THREADS_WHY = (
-    "the default: these networks are too small to need a second thread, and on a shared 2-core machine a"
-    " demo-sized training took 23 s at 1 thread and 245 s at 2; see --help"
+    "the default: a second thread saved 25 s on a quiet 2-core machine but cost 2 to 10 times the time when"
+    " another process held a core; see --help"
 )
 THREADS_HELP = """threads:
   The demo sets torch's intra-op and inter-op thread counts (--threads, default 1) before any tensor work and
-  prints them. Its networks are tiny, and when the cores are shared a thread that waits for a busy core stalls
-  every step. Measured on a 2-core machine shared with other jobs (load average 7 to 13): a demo-sized training
-  (a MaxUp CNN and a MaxUp + Gauss MLP, 10 epochs each, then certification) took 23 s at 1 thread and 245 s
-  at 2; with a competing busy loop added, 66 s and 451 s.
+  prints them. Whole demo, wall time, on a 2-core machine shared with other jobs:
+    quiet (load average 1 to 2):            1 thread 105 s (CPU 96 s), 2 threads 80 s (CPU 141 s)
+    quiet plus a competing busy loop:       1 thread 95 s (CPU 86 s), 2 threads over 240 s
+    busy (load average 3 to 4):             1 thread 106 s, 2 threads 171 s
+    busy plus a competing busy loop:        1 thread 247 s, 2 threads over 400 s
+  Pass --threads 2 only when both cores are free. Training results also depend on the thread count
+  (floating-point sums in another order): compare runs made with the same --threads.
 """
 RECIPE_LABELS = {"gaussian": "Gaussian", "maxup_gauss": "MaxUp + Gauss"}
 

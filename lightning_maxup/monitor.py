@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_maxup._lightning import Callback, pl
+from lightning_maxup._lightning import Callback
 from lightning_maxup._validation import positive_int
 from lightning_maxup.augment import (
     Augmentation,
@@ -60,6 +60,9 @@ from lightning_maxup.augment.randaugment import RandAugment
 from lightning_maxup.batch import first_floating
 from lightning_maxup.functional import MaxUpOutput
 from lightning_maxup.mixin import MaxUpMixin
+
+if TYPE_CHECKING:
+    from lightning_maxup._lightning import pl
 
 __all__ = [
     "Drawn",
