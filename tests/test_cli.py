@@ -104,12 +104,12 @@ def test_format_table():
 
 
 @pytest.mark.slow
-def test_demo_runs_from_the_console_script():
+def test_demo_runs_from_the_console_script(tmp_path):
     exe = Path(sys.executable).with_name("lightning-maxup")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_maxup.cli"]
     proc = subprocess.run(
-        [*cmd, "demo", "--epochs", "2", "--warmup", "1", "--seeds", "0", "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        [*cmd, "demo", "--quick", "--out", str(tmp_path), "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| ordinary augmentation | 1 |" in proc.stdout
