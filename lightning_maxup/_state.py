@@ -21,7 +21,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,10 +28,9 @@ from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from lightning_maxup._validation import one_of
+from lightning_maxup.config import SelectionMode
 
-__all__ = ["ModeSnapshot", "ModelSnapshot", "SelectionMode", "modes_restored", "preserved"]
-
-SelectionMode = Literal["eval", "train"]
+__all__ = ["ModeSnapshot", "ModelSnapshot", "modes_restored", "preserved"]
 
 
 class ModeSnapshot:
@@ -88,6 +86,8 @@ class ModelSnapshot:
         self.buffers: list[tuple[nn.Module, str, Tensor, Tensor]] = []
         self.buffer_names: list[tuple[nn.Module, dict[str, Tensor | None]]] = []
         self.params: list[tuple[nn.Module, str, Tensor, int]] = []
+        #: CUDA devices the model's parameters live on, whose random states the block must leave as they were.
+        self.cuda_devices: set[int] = set()
         self.hooks: list[RemovableHandle] = []
         self._recorded: set[int] = set()
         for mod in self.modules:
@@ -108,6 +108,8 @@ class ModelSnapshot:
         for name, param in mod._parameters.items():
             if param is not None:
                 self.params.append((mod, name, param, param._version))
+                if param.device.type == "cuda" and param.device.index is not None:
+                    self.cuda_devices.add(param.device.index)
 
     def _lazy_hook(self, mod: nn.Module, args: object) -> None:
         # Only the first forward after materialising: a second one (the next chunk) already sees changed state.
@@ -164,18 +166,10 @@ def preserved(model: nn.Module | None, mode: SelectionMode = "eval") -> Iterator
         yield
         return
     snapshot = ModelSnapshot(model)
-    devices = _cuda_devices(model)
-    with torch.random.fork_rng(devices=devices, enabled=True):
+    with torch.random.fork_rng(devices=sorted(snapshot.cuda_devices), enabled=True):
         try:
             if mode == "eval":
                 model.eval()
             yield
         finally:
             snapshot.restore(model)
-
-
-def _cuda_devices(model: nn.Module) -> list[int]:
-    if not torch.cuda.is_available():
-        return []
-    devices = {t.device.index for t in model.parameters() if t.device.type == "cuda"}
-    return sorted(d for d in devices if d is not None)

@@ -52,6 +52,7 @@ __all__ = [
     "gather_rows",
     "gradient_norm_estimate",
     "maxup_step",
+    "raise_if_nonfinite",
     "select_worst",
 ]
 
@@ -219,10 +220,18 @@ def check_finite(losses: Tensor, what: str) -> None:
         ...
         FloatingPointError: 1 of 2 candidate losses are NaN or infinite; check the model, the learning rate and the augmentation (or pass check_finite=False)
     """  # noqa: E501
-    bad = int((~torch.isfinite(losses)).sum())
+    raise_if_nonfinite(int((~torch.isfinite(losses)).sum()), losses.numel(), what)
+
+
+def raise_if_nonfinite(bad: int, total: int, what: str) -> None:
+    """Raise ``FloatingPointError`` naming how many of ``total`` ``what`` are NaN or infinite, if ``bad > 0``.
+
+    Example:
+        >>> raise_if_nonfinite(0, 8, "training losses")
+    """
     if bad:
         raise FloatingPointError(
-            f"{bad} of {losses.numel()} {what} are NaN or infinite; check the model, the learning rate and the"
+            f"{bad} of {total} {what} are NaN or infinite; check the model, the learning rate and the"
             " augmentation (or pass check_finite=False)"
         )
 

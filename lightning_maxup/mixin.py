@@ -19,6 +19,7 @@ from lightning_maxup.functional import (
     expand_copies,
     gradient_norm_estimate,
     maxup_step,
+    raise_if_nonfinite,
     selection_losses,
 )
 from lightning_maxup.random import Generator, KeyedGenerator, mix_seed, resolve_seed
@@ -103,12 +104,7 @@ class _FiniteGuard:
             if event is not None and not event.query():
                 waiting.append((host, event, total, what))
                 continue
-            bad = int(host)
-            if bad:
-                raise FloatingPointError(
-                    f"{bad} of {total} {what} are NaN or infinite; check the model, the learning rate and the"
-                    " augmentation (or pass check_finite=False)"
-                )
+            raise_if_nonfinite(int(host), total, what)
         self._pending = waiting
 
 
@@ -205,6 +201,7 @@ class MaxUpMixin:
         self._maxup_generator: torch.Generator | None = None
         self._maxup_clock = _StepClock()
         self._maxup_finite = _FiniteGuard()
+        self._maxup_cached_config: tuple[MaxUpConfig, int, MaxUpConfig] | None = None
 
     # ---------------------------------------------------------------------------------------------------------------
     # What the user implements
@@ -338,12 +335,10 @@ class MaxUpMixin:
         out = maxup_step(
             self.per_sample_loss,
             batch,
-            cfg,
+            self._maxup_step_config(m),
             generator=self._maxup_next_generator(batch, m),
             model=self,  # type: ignore[arg-type]
             num_chunks=self._maxup_num_chunks(batch, m),
-            m=m,
-            check_finite=False,
         )
         if cfg.check_finite:
             what = "candidate losses in the MaxUp selection pass" if m > 1 else "training losses"
@@ -352,6 +347,17 @@ class MaxUpMixin:
         self._maxup_log(out)
         self.maxup_last_output = out if self.maxup_record else None
         return out
+
+    def _maxup_step_config(self, m: int) -> MaxUpConfig:
+        """``maxup_config`` with this step's ``m`` and the finiteness check left to the deferred guard.
+
+        Built once per change of ``maxup_config`` or ``m`` (the warm-up switches ``m`` once), not every step.
+        """
+        cached = self._maxup_cached_config
+        if cached is None or cached[0] is not self.maxup_config or cached[1] != m:
+            cached = (self.maxup_config, m, self.maxup_config.replace(m=m, check_finite=False))
+            self._maxup_cached_config = cached
+        return cached[2]
 
     def _maxup_warn_identity(self, m: int) -> None:
         if m > 1 and self.maxup_config.augment is None and not self._maxup_warned_identity:

@@ -101,6 +101,9 @@ class Downsample:
 
     def check(self, batch: Any) -> None:
         """Raise unless ``batch`` holds images at least ``size`` px on each side."""
+        self._images(batch)
+
+    def _images(self, batch: Any) -> Tensor:
         x = first_floating(batch, 4)
         if x is None:
             raise ValueError(
@@ -113,12 +116,11 @@ class Downsample:
                 f"`selection_size`={self.size} is larger than the images ({h}x{w}): the selection view would"
                 f" upsample, which costs more than selecting at full resolution; use a size below {min(h, w)}"
             )
+        return x
 
     def __call__(self, batch: Any) -> Any:
         """Return ``batch`` with its images resized to ``size x size``."""
-        self.check(batch)
-        x = first_floating(batch, 4)
-        assert x is not None
+        x = self._images(batch)
         if x.shape[-2:] == (self.size, self.size):
             return batch
         return replace_leaf(batch, x, resize_antialiased(x, self.size))
