@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import sys
 import warnings
+import zipfile
+from pathlib import Path
 from typing import Any
 
-__all__ = ["cli_main", "main", "version"]
+__all__ = ["checkpoint_problem", "cli_main", "main", "version"]
 
 _PROG = "lightning-maxup"
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -85,9 +87,42 @@ def cli_main(argv: list[str] | None = None) -> None:
     )
 
 
+def _ckpt_path(argv: list[str]) -> str | None:
+    """The value of ``--ckpt_path`` in ``argv`` (``--ckpt_path X`` or ``--ckpt_path=X``), if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def checkpoint_problem(path: str | None) -> str | None:
+    """Why ``path`` cannot be a checkpoint to resume from, or ``None``: checked before anything is built.
+
+    A checkpoint is a zip archive whose directory sits at its end, so a truncated or corrupted file is caught by
+    opening it, without reading the tensors. ``last``/``best``/``hpc`` and other non-file values are Lightning's.
+
+    Example:
+        >>> checkpoint_problem(None) is None
+        True
+    """
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path):
+            return None
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"`--ckpt_path` {path!r} is not a readable checkpoint (truncated or corrupted?): {err}"
+
+
 def _run_lightning(argv: list[str]) -> int:
     from jsonargparse import ArgumentError
 
+    problem = checkpoint_problem(_ckpt_path(argv))
+    if problem is not None:
+        print(f"{_PROG} {argv[0]}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         with warnings.catch_warnings():
             # Lightning 2.6 on recent torch warns on every fit about its own use of a deprecated torch pytree

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from pytorch_lightning.callbacks import Callback
 
 import lightning_maxup
@@ -196,3 +197,17 @@ def test_help_is_plain_text(argv: list[str], capsys: pytest.CaptureFixture[str])
     assert out.startswith("usage: lightning-maxup")
     for markup in ("``", ":class:", ":func:", ":meth:", "`"):
         assert markup not in out, f"{markup!r} in the help text"
+
+
+def test_fit_refuses_a_truncated_checkpoint_in_one_line(tmp_path, capsys):
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "digits.yaml"
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, good)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    code = main(["fit", "--config", str(config), "--ckpt_path", str(truncated), "--trainer.max_epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is not a readable checkpoint (truncated or corrupted?)" in err
+    assert "truncated.ckpt" in err
+    assert "Traceback" not in err
