@@ -20,6 +20,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 __all__ = [
+    "Candidates",
     "Shared",
     "batch_size",
     "expand_copies",
@@ -232,3 +233,46 @@ def replace_leaf(batch: Any, old: Tensor, new: Tensor) -> Any:
         (tensor([5., 5.]), tensor([1., 1.]))
     """
     return apply_to_collection(batch, Tensor, lambda t: new if t is old else t)
+
+
+class Candidates:
+    """A batch whose ``m`` augmented copies per sample were made already, e.g. in the DataLoader workers.
+
+    ``batch`` holds ``m * B`` rows, copy-major (row ``k * B + i`` is copy ``k`` of sample ``i``), exactly the
+    layout :func:`expand_copies` gives. :func:`~lightning_maxup.maxup_step` and the mixin score these rows as they
+    are, with no second augmentation; with ``m == 1`` (the warm-up) they train on copy 0. The wrapper moves with
+    the batch (Lightning's device transfer calls :meth:`to`).
+
+    Args:
+        batch: The ``m * B`` candidate rows (a tensor or a batch tree).
+        m: Copies per sample.
+
+    Example:
+        >>> c = Candidates((torch.arange(6.0), torch.tensor([0, 1, 2, 0, 1, 2])), m=2)
+        >>> c.m, c.num_samples
+        (2, 3)
+    """
+
+    __slots__ = ("batch", "m")
+
+    def __init__(self, batch: Any, m: int) -> None:
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"Expected `m` of Candidates to be a positive integer, got {m!r}")
+        rows = batch_size(batch)
+        if rows % m:
+            raise ValueError(f"Candidates hold `m`={m} copies per sample, but the batch has {rows} rows")
+        self.batch = batch
+        self.m = m
+
+    @property
+    def num_samples(self) -> int:
+        """``B``, the number of samples (rows over ``m``)."""
+        return batch_size(self.batch) // self.m
+
+    def to(self, *args: Any, **kwargs: Any) -> Candidates:
+        """Move every tensor, as ``Tensor.to`` does (Lightning's batch transfer calls this)."""
+        moved = apply_to_collection(self.batch, (Tensor, Shared), lambda t: t.to(*args, **kwargs))
+        return Candidates(moved, self.m)
+
+    def __repr__(self) -> str:
+        return f"Candidates(m={self.m}, rows={batch_size(self.batch)})"
