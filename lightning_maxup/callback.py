@@ -27,6 +27,11 @@ class MaxUp(Callback):
     sets the module's public ``maxup_enabled`` and ``maxup_config``; the loss logic stays in
     :class:`~lightning_maxup.MaxUpMixin`.
 
+    The overrides apply to ``fit`` alone: a Trainer used only to ``validate``, ``test`` or ``predict`` leaves the
+    module's options as they are, and when a fit ends the module's own options and ``maxup_enabled`` come back.
+    The first epoch's regime is set in ``setup``, so ``Tuner.lr_find`` (which swaps the Trainer's callbacks out
+    while it runs) tunes the regime the fit starts with.
+
     Under ``Trainer(fast_dev_run=...)`` the warm-up is skipped, so a dev run exercises MaxUp steps. A fit that
     can never reach a MaxUp step (``max_epochs <= warmup_epochs``, or ``max_steps`` reached before the warm-up
     ends) warns once, naming the cause.
@@ -56,6 +61,7 @@ class MaxUp(Callback):
         self.overrides: dict[str, Any] = {k: v for k, v in {**named, **overrides}.items() if v is not None}
         MaxUpConfig().replace(**self.overrides)  # validates names and values now, before training
         self._skip_warmup = False
+        self._saved: tuple[MaxUpConfig, bool] | None = None
 
     @property
     def m(self) -> int | None:
@@ -77,12 +83,26 @@ class MaxUp(Callback):
             raise TypeError(
                 f"The MaxUp callback needs a LightningModule that subclasses MaxUpMixin, got {type(pl_module).__name__}"
             )
+        if stage != "fit":
+            return
+        self._saved = (pl_module.maxup_config, pl_module.maxup_enabled)
         if self.overrides:
             pl_module.maxup_config = pl_module.maxup_config.replace(**self.overrides)
+        self._skip_warmup = bool(getattr(trainer, "fast_dev_run", False)) and self.warmup_epochs > 0
+        self._apply(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._saved is None or not isinstance(pl_module, MaxUpMixin):
+            return
+        config, enabled = self._saved
+        # The seed the fit resolved (or received from rank 0) stays: the stream goes on from where it stopped.
+        pl_module.maxup_config = config.replace(seed=pl_module.maxup_config.seed)
+        pl_module.maxup_enabled = enabled
+        self._saved = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._skip_warmup = bool(getattr(trainer, "fast_dev_run", False)) and self.warmup_epochs > 0
         if self._skip_warmup:
             rank_zero_info("MaxUp: `fast_dev_run` skips the warm-up, so the dev run exercises MaxUp steps")
             return

@@ -14,7 +14,14 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_maxup._validation import callable_or_none, one_of, optional_positive_int, positive_int, precision
+from lightning_maxup._validation import (
+    callable_or_none,
+    one_of,
+    optional_positive_int,
+    positive_float,
+    positive_int,
+    precision,
+)
 from lightning_maxup.views import Downsample
 
 __all__ = ["MaxUpConfig", "SelectionDtype", "SelectionFormat", "SelectionMode"]
@@ -73,6 +80,12 @@ class MaxUpConfig:
             ``torch.initial_seed()``, shared by all ranks.
         randomness: ``"rank"`` draws from a stream per ``(seed, rank, step)``; ``"sample"`` keys every draw by
             ``(seed, epoch, sample index, copy index)``, independent of the world size.
+        selection_temperature: ``None`` trains on each sample's worst copy (MaxUp's arg-max). A positive ``τ``
+            draws the trained copy with probability ``softmax(L / τ)`` over the sample's ``m`` selection losses,
+            from the step's generator: an unbiased one-backward estimate of the gradient of the tilted loss
+            ``τ · log mean_k exp(L_k / τ)`` (Li, Beirami, Sanjabi & Smith, "Tilted Empirical Risk
+            Minimization", ICLR 2021), a dial from the worst copy (``τ → 0``) to a uniformly random copy
+            (``τ → ∞``, ordinary augmentation).
 
     Example:
         >>> cfg = MaxUpConfig(m=4, selection_size=16)
@@ -95,6 +108,7 @@ class MaxUpConfig:
     check_finite: bool = True
     seed: int | None = None
     randomness: Randomness = "rank"
+    selection_temperature: float | None = None
 
     def __post_init__(self) -> None:
         self._check_sizes()
@@ -106,6 +120,10 @@ class MaxUpConfig:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"Expected `seed` to be an integer or None, got {self.seed!r}")
         one_of(self.randomness, "randomness", ("rank", "sample"))
+        if self.selection_temperature is not None:
+            object.__setattr__(
+                self, "selection_temperature", positive_float(self.selection_temperature, "selection_temperature")
+            )
 
     def _check_sizes(self) -> None:
         positive_int(self.m, "m")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_maxup import random as lr
 from lightning_maxup._state import preserved
 from lightning_maxup.batch import (
+    Candidates,
     batch_size,
     expand_copies,
     gather_rows,
@@ -52,7 +55,9 @@ __all__ = [
     "gather_rows",
     "gradient_norm_estimate",
     "maxup_step",
+    "check_per_sample",
     "raise_if_nonfinite",
+    "select_copies",
     "select_worst",
 ]
 
@@ -78,7 +83,8 @@ class MaxUpOutput:
     Attributes:
         loss: Mean of the ``B`` worst-copy losses, with gradient; back-propagate this.
         losses: The ``B`` per-sample worst-copy losses of the gradient forward.
-        selected: For each sample, which of its ``m`` copies was the worst (``[B]``, in ``[0, m)``).
+        selected: For each sample, which of its ``m`` copies was trained (``[B]``, in ``[0, m)``): the worst, or
+            the one drawn from ``softmax(L / τ)`` with ``selection_temperature``.
         candidate_losses: Selection-pass losses ``[m, B]`` without gradient (``losses.detach()[None]`` when
             ``m == 1``, where there is no selection pass).
         batch: The worst copies, ``B`` rows, as forwarded with gradient.
@@ -173,6 +179,32 @@ def select_worst(candidate_losses: Tensor, batch_rows: int) -> tuple[Tensor, Ten
     selected = per_copy.argmax(dim=0)
     rows = selected * batch_rows + torch.arange(batch_rows, device=selected.device)
     return selected, rows
+
+
+def select_copies(
+    candidate_losses: Tensor, batch_rows: int, temperature: float | None = None, generator: Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-sample choice of the trained copy: the arg-max, or a draw from ``softmax(L / temperature)``.
+
+    The draw is the Gumbel-max trick, ``argmax_k(L_k / τ + G_k)`` with ``G_k = -log(-log U_k)``, one uniform per
+    candidate row from ``generator``: no host sync, and with a keyed generator each row's noise depends on its
+    key alone. ``temperature=None`` is :func:`select_worst`.
+
+    Returns:
+        ``(selected, rows)`` as :func:`select_worst`.
+
+    Example:
+        >>> losses = torch.tensor([1.0, 5.0, 3.0, 2.0])
+        >>> select_copies(losses, 2, temperature=1e-6, generator=torch.Generator().manual_seed(0))[0]
+        tensor([1, 0])
+    """
+    if temperature is None:
+        return select_worst(candidate_losses, batch_rows)
+    u = lr.uniform(
+        tuple(candidate_losses.shape), generator=generator, device=candidate_losses.device, dtype=torch.float64
+    )
+    scores = candidate_losses.double() / temperature - torch.log(-torch.log(u))
+    return select_worst(scores, batch_rows)
 
 
 def chunk_bounds(rows: int, chunk_size: int | None = None, num_chunks: int | None = None) -> list[tuple[int, int]]:
@@ -283,8 +315,13 @@ def selection_losses(
     *,
     model: nn.Module | None = None,
     num_chunks: int | None = None,
+    selection_seed: int | None = None,
 ) -> Tensor:
     """Losses ``[m * B]`` of every candidate, without gradient, on the selection view, leaving ``model`` as it was.
+
+    With ``selection_seed``, the global random state the forwards draw from (dropout masks in train-mode
+    selection) is seeded with it inside the block and restored after, so the masks are the selection's own and
+    the gradient pass draws what it would have drawn without a selection pass.
 
     Example:
         >>> net = nn.Linear(2, 1)
@@ -297,6 +334,8 @@ def selection_losses(
     name = _name(loss_fn)
     chunks: list[Tensor] = []
     with torch.no_grad(), preserved(model, config.selection_mode):
+        if selection_seed is not None and model is not None:
+            _seed_global_rng(selection_seed, candidates)
         for lo, hi in chunk_bounds(rows, config.chunk_size, num_chunks):
             chunk = candidates if hi - lo >= rows else slice_rows(candidates, lo, hi)
             try:
@@ -311,6 +350,56 @@ def selection_losses(
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
+def _seed_global_rng(seed: int, batch: Any) -> None:
+    """Seed the CPU generator and that of the batch's CUDA device (the ones ``preserved`` restores)."""
+    torch.random.default_generator.manual_seed(seed)
+    for leaf in tensor_leaves(batch)[:1]:
+        if leaf.device.type == "cuda":
+            torch.cuda.default_generators[leaf.device.index or 0].manual_seed(seed)
+
+
+def _owner(loss_fn: LossFn) -> nn.Module | None:
+    """The module ``loss_fn`` runs, where it says so: a module itself, a module's bound method, or a closure cell."""
+    if isinstance(loss_fn, nn.Module):
+        return loss_fn
+    owner = getattr(loss_fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return owner
+    cells = [cell.cell_contents for cell in getattr(loss_fn, "__closure__", None) or () if _filled(cell)]
+    modules = [c for c in cells if isinstance(c, nn.Module)]
+    if len(modules) == 1:
+        return modules[0]
+    return nn.ModuleList(modules) if modules else None
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+def _legacy_config(config: Any, legacy: tuple[Any, ...]) -> MaxUpConfig | None:
+    """``config``, or the 0.1 call ``maxup_step(loss_fn, batch, augment, m)`` turned into a config, with a warning."""
+    if isinstance(config, MaxUpConfig) and not legacy:
+        return config
+    if config is None and not legacy:
+        return None
+    if isinstance(config, MaxUpConfig) or len(legacy) > 1:
+        raise TypeError(
+            f"maxup_step takes (loss_fn, batch, config) positionally, got {2 + 1 + len(legacy)} positional arguments;"
+            " pass the options as keywords"
+        )
+    warnings.warn(
+        "maxup_step(loss_fn, batch, augment, m) is deprecated since lightning_maxup 0.3 and will be removed in 1.0;"
+        " pass keywords, maxup_step(loss_fn, batch, augment=..., m=...), or a MaxUpConfig",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return MaxUpConfig(augment=config, **({"m": legacy[0]} if legacy else {}))
+
+
 def _autocast(batch: Any, dtype: torch.dtype | None) -> Any:
     if dtype in (None, torch.float32):
         return nullcontext()
@@ -322,10 +411,12 @@ def maxup_step(
     loss_fn: LossFn,
     batch: Any,
     config: MaxUpConfig | None = None,
-    *,
+    *legacy: Any,
     generator: Generator | None = None,
     model: nn.Module | None = None,
     num_chunks: int | None = None,
+    selection_seed: int | None = None,
+    selection_fn: LossFn | None = None,
     **options: Any,
 ) -> MaxUpOutput:
     """One MaxUp step: augment ``m`` copies per sample, pick each sample's worst, forward it with gradient.
@@ -333,13 +424,23 @@ def maxup_step(
     Args:
         loss_fn: Maps a batch to a 1-D tensor of per-sample losses (``reduction="none"``).
         batch: A tensor or a (nested) tuple/list/dict of tensors whose first dimension is the batch; wrap
-            tensors that are not per-sample in :class:`~lightning_maxup.batch.Shared`.
+            tensors that are not per-sample in :class:`~lightning_maxup.batch.Shared`. A
+            :class:`~lightning_maxup.batch.Candidates` holds copies made already (by the DataLoader): they are
+            scored as they are, without ``augment``; with ``m == 1`` the step trains on copy 0.
         config: The step's options (:class:`~lightning_maxup.MaxUpConfig`); default ``MaxUpConfig()``.
-        generator: Source of the augmentation's randomness.
-        model: The module ``loss_fn`` runs; given, the selection pass runs it in ``config.selection_mode`` and
-            leaves it exactly as it was (buffers, parameters, modes and the global random state).
+        *legacy: Deprecated: the 0.1 call ``maxup_step(loss_fn, batch, augment, m)`` still works, with a
+            ``DeprecationWarning``.
+        generator: Source of the augmentation's randomness (and of the draw with ``selection_temperature``).
+        model: The module ``loss_fn`` runs: the selection pass runs it in ``config.selection_mode`` and leaves it
+            exactly as it was (buffers, parameters, modes and the global random state). When omitted, it is
+            ``loss_fn`` itself if a module, the module of a bound method, or the modules ``loss_fn`` closes over;
+            if none is found and ``selection_mode`` was asked for, a warning says that it cannot apply.
         num_chunks: Split the selection pass into exactly this many forwards (trailing ones may be empty),
             whatever ``B`` is, so that all ranks make the same number of forwards; overrides ``chunk_size``.
+        selection_seed: Seed of the global random state during the selection forwards (train-mode dropout
+            draws its own masks from it; the state is restored after); ``None`` leaves the state as it is there.
+        selection_fn: The loss function of the selection pass, if not ``loss_fn`` (the mixin passes one that
+            flags the call as selection).
         **options: :class:`~lightning_maxup.MaxUpConfig` fields overriding ``config``, e.g. ``m=4``.
 
     Returns:
@@ -351,31 +452,95 @@ def maxup_step(
         >>> net = nn.Linear(4, 3)
         >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
         >>> loss_fn = lambda b: F.cross_entropy(net(b[0]), b[1], reduction="none")
-        >>> out = maxup_step(loss_fn, (x, y), augment=GaussianNoise(0.1), m=4, generator=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> out = maxup_step(loss_fn, (x, y), augment=GaussianNoise(0.1), m=4, generator=g, model=net)
         >>> out.loss.backward()
         >>> out.candidate_losses.shape, bool(out.gap >= 0)
         (torch.Size([4, 8]), True)
     """  # noqa: E501
-    config = (config or MaxUpConfig()).replace(**options) if options else (config or MaxUpConfig())
+    config = _legacy_config(config, legacy) or MaxUpConfig()
+    config = config.replace(**options) if options else config
     if num_chunks is not None and (isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1):
         raise ValueError(f"Expected `num_chunks` to be a positive integer or None, got {num_chunks!r}")
-    m, b, name = config.m, batch_size(batch), _name(loss_fn)
+    m, name = config.m, _name(loss_fn)
     start = time.perf_counter()
+    premade = _premade(batch, config)
+    if premade is not None and m == 1:  # warm-up on loader-made copies: train on copy 0
+        batch = slice_rows(premade.batch, 0, premade.num_samples)
+    b = premade.num_samples if premade is not None else batch_size(batch)
     if m == 1:
-        worst = augment_rows(config.augment, batch, b, generator, 1)
+        worst = batch if premade is not None else augment_rows(config.augment, batch, b, generator, 1)
         losses = check_losses(loss_fn(unwrap_shared(worst)), b, name)
         if config.check_finite:
             check_finite(losses.detach(), "losses")
         selected = torch.zeros(b, dtype=torch.long, device=losses.device)
         return MaxUpOutput(losses.mean(), losses, selected, losses.detach()[None], worst, 0.0)
-    candidates = augment_rows(config.augment, expand_copies(batch, m), m * b, generator, m)
-    candidate_losses = selection_losses(loss_fn, candidates, config, model=model, num_chunks=num_chunks)
+    if model is None:
+        model = _owner(loss_fn)
+        if model is None and ("selection_mode" in options or config.selection_mode == "train"):
+            warnings.warn(
+                f"maxup_step got `selection_mode`={config.selection_mode!r} but no `model`, and found no module in"
+                " `loss_fn`, so the mode cannot apply and the model is not restored (BatchNorm would absorb the"
+                " candidates' statistics); pass model=the module loss_fn runs",
+                UserWarning,
+                stacklevel=2,
+            )
+    if premade is not None:
+        candidates = premade.batch
+    else:
+        candidates = augment_rows(config.augment, expand_copies(batch, m), m * b, generator, m)
+    candidate_losses = selection_losses(
+        selection_fn or loss_fn, candidates, config, model=model, num_chunks=num_chunks, selection_seed=selection_seed
+    )
     if config.check_finite:
         check_finite(candidate_losses, "candidate losses in the MaxUp selection pass")
-    selected, worst_rows = select_worst(candidate_losses, b)
+    selected, worst_rows = select_copies(candidate_losses, b, config.selection_temperature, generator)
     worst = gather_rows(candidates, worst_rows)
     selection_seconds = time.perf_counter() - start
     losses = check_losses(loss_fn(unwrap_shared(worst)), b, name)
     return MaxUpOutput(
         losses.mean(), losses, selected, candidate_losses.view(m, b), worst, selection_seconds, candidates
     )
+
+
+def check_per_sample(batch: Any) -> None:
+    """Raise unless every tensor leaf of ``batch`` is per-sample (``B`` rows), a scalar, or wrapped in ``Shared``.
+
+    MaxUp expands, augments and gathers every leaf with ``B`` rows. A tensor shared by all samples that does not
+    have ``B`` rows would be passed on unchanged, and one that happens to have ``B`` rows would be treated as
+    per-sample until the epoch's shorter last batch: both are refused here, naming
+    :class:`~lightning_maxup.batch.Shared`.
+
+    Example:
+        >>> check_per_sample((torch.zeros(4, 2), torch.zeros(4)))
+        >>> check_per_sample((torch.zeros(4, 2), torch.zeros(10)))
+        Traceback (most recent call last):
+        ...
+        ValueError: The batch holds a tensor of shape [10] whose first dimension is not the batch size 4: MaxUp expands and gathers per-sample tensors, so wrap a tensor shared by all samples in lightning_maxup.Shared(...)
+    """  # noqa: E501
+    rows = batch.num_samples * batch.m if isinstance(batch, Candidates) else batch_size(batch)
+    leaves = tensor_leaves(batch.batch if isinstance(batch, Candidates) else batch)
+    for leaf in leaves:
+        if leaf.dim() > 0 and leaf.shape[0] != rows:
+            raise ValueError(
+                f"The batch holds a tensor of shape {list(leaf.shape)} whose first dimension is not the batch size"
+                f" {rows}: MaxUp expands and gathers per-sample tensors, so wrap a tensor shared by all samples in"
+                " lightning_maxup.Shared(...)"
+            )
+
+
+def _premade(batch: Any, config: MaxUpConfig) -> Candidates | None:
+    """``batch`` if it holds copies made already, checked against ``config``; else ``None``."""
+    if not isinstance(batch, Candidates):
+        return None
+    if config.augment is not None:
+        raise ValueError(
+            f"The batch holds Candidates made by the loader, but `augment` is {config.augment!r}: premade copies"
+            " are scored as they are, so set `augment`=None (the loader's transform is the augmentation)"
+        )
+    if config.m != 1 and batch.m != config.m:
+        raise ValueError(
+            f"The batch holds Candidates with {batch.m} copies per sample, but the step runs `m`={config.m}; make"
+            f" the loader's copies and `m` agree (MultiView(..., m={config.m}))"
+        )
+    return batch

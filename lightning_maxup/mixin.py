@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast, overload
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_maxup._lightning import rank_zero_warn
 from lightning_maxup.augment.image import GaussianNoise
-from lightning_maxup.batch import batch_size
-from lightning_maxup.config import MaxUpConfig, option_names
+from lightning_maxup.batch import Candidates, batch_size, slice_rows
+from lightning_maxup.config import (
+    MaxUpConfig,
+    Randomness,
+    SelectionDtype,
+    SelectionFormat,
+    SelectionMode,
+    option_names,
+)
 from lightning_maxup.functional import (
     MaxUpOutput,
     augment_rows,
     check_finite,
+    check_per_sample,
     expand_copies,
     gradient_norm_estimate,
     maxup_step,
@@ -26,50 +35,53 @@ from lightning_maxup.random import Generator, KeyedGenerator, mix_seed, resolve_
 
 __all__ = ["MaxUpMixin"]
 
-_CHECKPOINT_KEY = "lightning_maxup"
+T = TypeVar("T")
 
 
 class _StepClock:
-    """Share of a training step spent selecting, from host clocks (CPU) or CUDA events (deferred one step)."""
+    """Share of the time between consecutive steps spent selecting, without waiting for the device.
+
+    On the CPU the share is the previous step's selection seconds over the host time from its start to this
+    step's start (backward, optimizer and data loading included). On CUDA, events are recorded at each step's
+    start and at the end of its selection; an interval is reported once its closing event has completed
+    (``query()`` never blocks), so a figure comes a step or more late instead of costing a sync.
+    """
 
     def __init__(self) -> None:
-        self.start = 0.0
-        self.selection = 0.0
-        self._selected = False
-        self._events: tuple[Any, Any, Any] | None = None
-        self._pending: tuple[Any, Any, Any] | None = None
+        self._start = 0.0
+        self._selection: float | None = None
+        self._open: list[Any] | None = None  # CUDA: [start, selected] of the running step
+        self._closed: list[tuple[Any, Any, Any]] = []  # CUDA: (start, selected, next start), oldest first
 
-    def step_started(self, device: torch.device) -> None:
-        self.start = time.perf_counter()
-        self.selection = 0.0
-        self._selected = False
-        self._events = None
-        if device.type == "cuda":
-            events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3))
-            events[0].record()
-            events[1].record()  # re-recorded when the step selects; as it is, a step without selection took 0 s
-            self._events = events  # type: ignore[assignment]
+    def tick(self, device: torch.device) -> float | None:
+        """Start a step; return a finished step's selection share, if one is known without waiting."""
+        if device.type != "cuda":
+            now, selection = time.perf_counter(), self._selection
+            total, self._start, self._selection = now - self._start, now, None
+            return selection / total if selection is not None and total > 0 else None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        if self._open is not None and self._open[1] is not None:
+            self._closed.append((self._open[0], self._open[1], start))
+        self._open = [start, None]
+        return self._poll()
 
     def selection_done(self, seconds: float) -> None:
-        self.selection = seconds
-        self._selected = True
-        if self._events is not None:
-            self._events[1].record()
+        """Mark the end of this step's selection."""
+        if self._open is None:
+            self._selection = seconds
+            return
+        selected = torch.cuda.Event(enable_timing=True)
+        selected.record()
+        self._open[1] = selected
 
-    def share(self) -> float | None:
-        """Selection time over step time of the step that just ended (CPU) or of the previous one (CUDA)."""
-        if self._events is None:
-            total = time.perf_counter() - self.start
-            return self.selection / total if total > 0 and self._selected else None
-        self._events[2].record()
-        previous, self._pending = self._pending, self._events
-        self._events = None
-        if previous is None:
-            return None
-        start, selected, end = previous
-        end.synchronize()  # the previous step ended long ago: this waits for nothing in practice
-        total = start.elapsed_time(end)
-        return start.elapsed_time(selected) / total if total > 0 else None
+    def _poll(self) -> float | None:
+        share = None
+        while self._closed and self._closed[0][2].query():
+            start, selected, end = self._closed.pop(0)
+            total = start.elapsed_time(end)
+            share = start.elapsed_time(selected) / total if total > 0 else None
+        return share
 
 
 class _FiniteGuard:
@@ -108,6 +120,28 @@ class _FiniteGuard:
         self._pending = waiting
 
 
+class _Option(Generic[T]):
+    """``self.maxup_<name>``: reads ``maxup_config.<name>``; setting it validates and replaces the config."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.__doc__ = f"``maxup_config.{name}``; setting it validates and replaces the config."
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _Option[T]: ...
+
+    @overload
+    def __get__(self, obj: MaxUpMixin, owner: type) -> T: ...
+
+    def __get__(self, obj: MaxUpMixin | None, owner: type) -> T | _Option[T]:
+        if obj is None:
+            return self
+        return cast(T, getattr(obj.maxup_config, self.name))
+
+    def __set__(self, obj: MaxUpMixin, value: T) -> None:
+        obj.maxup_config = obj.maxup_config.replace(**{self.name: value})
+
+
 class MaxUpMixin:
     """Mix into a ``LightningModule`` to train it with MaxUp; implement :meth:`per_sample_loss`.
 
@@ -117,8 +151,8 @@ class MaxUpMixin:
     step; the callback adds the warm-up of ordinary augmentation and can override options.
 
     The options live in one frozen :class:`~lightning_maxup.MaxUpConfig`, ``self.maxup_config``; pass it as
-    ``maxup=`` or pass its fields as keyword arguments (``m=4, augment=...``). Each option is also readable and
-    settable as ``self.maxup_<name>`` (setting validates and replaces the config).
+    ``maxup=`` or pass its fields as keyword arguments (``m=4, augment=...``). Each option is also a typed
+    property ``self.maxup_<name>`` (setting it validates and replaces the config).
 
     **The selection pass leaves the model exactly as it was**, whatever its layers: every buffer is restored,
     every parameter checked, every module's ``training`` flag restored through its own ``train()``, and the
@@ -128,8 +162,13 @@ class MaxUpMixin:
       so each copy's loss depends on that copy alone, chunking changes nothing and SyncBatchNorm makes no
       collective call.
     - ``selection_mode="train"``: normalisation layers use the candidates' batch statistics and **dropout is on**,
-      with masks of its own (drawn from the global generator, whose state is then restored, so the gradient pass
-      draws the masks it would have drawn without selection).
+      with masks of its own: the global generator is seeded from the step's ``(seed, rank, step)`` for the
+      selection forwards and restored after, so the gradient pass draws the masks it would have drawn without
+      selection, independent of the selection's, and a run replays.
+
+    **Your code during selection.** ``per_sample_loss`` also runs on the ``m * B`` candidate rows and on the
+    pre-flight check's rows; :attr:`maxup_selecting` is ``True`` then, so a metric updated inside it can skip
+    those calls, and ``self.log``/``self.log_dict`` calls made then are dropped with a one-time warning.
 
     **Pre-flight check.** At the first training batch of a fit, before any optimizer step and whatever the
     warm-up, the real batch goes through the augmentation, the selection view and the model once, so a
@@ -138,31 +177,40 @@ class MaxUpMixin:
 
     **Randomness** comes from a generator reseeded at every step from ``(seed, global rank, step count)``. With
     ``seed=None`` the seed is ``seed_everything``'s or rank 0's ``torch.initial_seed()``, broadcast to every rank
-    when the fit starts, so ranks differ only by their rank in the stream key; the seed and step count are saved
-    in checkpoints. ``randomness="sample"`` keys every draw by ``(seed, epoch, sample index, copy index)``
-    instead (:meth:`maxup_sample_index`), which makes the run independent of the world size.
+    at the first step of a fit, so ranks differ only by their rank in the stream key. ``randomness="sample"``
+    keys every draw by ``(seed, epoch, step, sample index, occurrence in the batch, copy index)`` instead
+    (:meth:`maxup_sample_index`), which makes the run independent of the world size for a fixed global batch, and
+    gives an index that appears twice (samplers with replacement, repeated augmentation) draws of its own.
 
-    **Collectives.** With more than one rank and ``chunk_size`` set, every rank makes the same number of
-    selection forwards on every step, uneven last batch included (``ceil(m * B / chunk_size)`` for the largest
-    batch ``B`` seen), in both modes: under FSDP, DeepSpeed ZeRO-3 and train-mode SyncBatchNorm each forward is a
-    collective.
+    **State that survives your hooks.** The seed and step count are part of the module's ``state_dict`` (through
+    ``get_extra_state``), and everything else happens inside :meth:`maxup_step`, so overriding
+    ``on_fit_start``, ``on_train_batch_start``, ``on_save_checkpoint`` or ``on_load_checkpoint`` without
+    ``super()`` loses nothing: a resumed run continues the augmentation stream exactly.
 
-    **Logging** (``maxup/<name>`` per step on this rank, ``maxup/<name>_epoch`` per epoch reduced over ranks):
-    ``loss`` (the trained loss, from the gradient pass, on the progress bar), and when ``m > 1``:
-    ``worst_loss`` and ``mean_loss`` (both from the selection pass, so ``worst >= mean``), ``gap`` (their
-    difference), ``grad_norm`` (Theorem 1's estimate of ``‖∇ₓL‖`` when ``augment`` is
-    :class:`~lightning_maxup.augment.GaussianNoise`), ``selection_share`` and ``m``.
+    **Collectives.** With more than one rank and ``chunk_size`` set, the ranks agree at the first step of a fit
+    on the largest batch any of them holds (one all-reduce) and every rank then makes
+    ``ceil(m * B_max / chunk_size)`` selection forwards on every step, whatever its own batch size, in both
+    modes: under FSDP, DeepSpeed ZeRO-3 and train-mode SyncBatchNorm each forward is a collective. A later batch
+    larger than ``B_max`` is split into the same number of larger chunks.
 
-    If you override ``on_fit_start``, ``on_train_batch_start``, ``on_train_batch_end``, ``on_save_checkpoint``
-    or ``on_load_checkpoint``, call ``super()`` in them.
+    **Logging** (``maxup/<name>`` per step on this rank, ``maxup/<name>_epoch`` per epoch reduced over ranks;
+    nothing under ``Trainer(barebones=True)``): ``loss`` (the trained loss, from the gradient pass, on the
+    progress bar), and when ``m > 1``: ``worst_loss`` and ``mean_loss`` (both from the selection pass, so
+    ``worst >= mean``), ``gap`` (their difference), ``grad_norm`` (Theorem 1's estimate of ``‖∇ₓL‖`` when
+    ``augment`` is :class:`~lightning_maxup.augment.GaussianNoise`), ``selection_share`` (of the time between
+    steps, reported without waiting for the device) and ``m``.
+
+    **torch.compile.** ``trainer.fit(torch.compile(module))`` compiles ``forward`` and ``training_step``; the
+    step's bookkeeping (:meth:`maxup_step`) runs outside the graph, so nothing in it is a guard and no step
+    recompiles; forwards through ``self(...)`` inside ``per_sample_loss`` stay compiled.
 
     Args:
         *args: Passed on to the next class (the LightningModule).
         maxup: The MaxUp options; keyword arguments named like its fields override it.
         **kwargs: :class:`~lightning_maxup.MaxUpConfig` fields (``m``, ``augment``, ``chunk_size``,
             ``selection_size``, ``selection_view``, ``selection_mode``, ``selection_dtype``,
-            ``selection_memory_format``, ``check_finite``, ``seed``, ``randomness``); the rest go on to the next
-            class.
+            ``selection_memory_format``, ``check_finite``, ``seed``, ``randomness``, ``selection_temperature``);
+            the rest go on to the next class.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -175,11 +223,23 @@ class MaxUpMixin:
         ...     def per_sample_loss(self, batch):
         ...         x, y = batch
         ...         return F.cross_entropy(self.net(x), y, reduction="none")
-        >>> Lit().maxup_config.m
+        >>> Lit().maxup_m
         4
     """
 
     maxup_config: MaxUpConfig
+    maxup_m = _Option[int]("m")
+    maxup_augment = _Option[Callable[..., Any] | None]("augment")
+    maxup_chunk_size = _Option[int | None]("chunk_size")
+    maxup_selection_size = _Option[int | None]("selection_size")
+    maxup_selection_view = _Option[Callable[[Any], Any] | None]("selection_view")
+    maxup_selection_mode = _Option[SelectionMode]("selection_mode")
+    maxup_selection_dtype = _Option[SelectionDtype | None]("selection_dtype")
+    maxup_selection_memory_format = _Option[SelectionFormat | None]("selection_memory_format")
+    maxup_check_finite = _Option[bool]("check_finite")
+    maxup_seed = _Option[int | None]("seed")
+    maxup_randomness = _Option[Randomness]("randomness")
+    maxup_selection_temperature = _Option[float | None]("selection_temperature")
 
     def __init__(self, *args: Any, maxup: MaxUpConfig | None = None, **kwargs: Any) -> None:
         options = {name: kwargs.pop(name) for name in option_names() if name in kwargs}
@@ -194,20 +254,27 @@ class MaxUpMixin:
         #: monitors); off by default, since it holds the ``m * B`` candidates until the following step.
         self.maxup_record = False
         self.maxup_last_output: MaxUpOutput | None = None
+        #: True while the selection pass or the pre-flight check runs ``per_sample_loss`` on candidate rows.
+        self.maxup_selecting = False
         self._maxup_draws = 0
-        self._maxup_warned_identity = False
-        self._maxup_preflight_done = False
-        self._maxup_nominal_rows = 0
+        self._maxup_agreed_rows = 0
+        self._maxup_prepared_for: int | None = None
+        self._maxup_warned: set[str] = set()
         self._maxup_generator: torch.Generator | None = None
         self._maxup_clock = _StepClock()
         self._maxup_finite = _FiniteGuard()
         self._maxup_cached_config: tuple[MaxUpConfig, int, MaxUpConfig] | None = None
+        register = getattr(self, "register_load_state_dict_pre_hook", None)
+        if callable(register):  # a checkpoint from before the state moved into the state_dict loads too
+            register(_fill_missing_extra_state)
 
     # ---------------------------------------------------------------------------------------------------------------
     # What the user implements
     # ---------------------------------------------------------------------------------------------------------------
     def per_sample_loss(self, batch: Any) -> Tensor:
         """Return a 1-D tensor of the batch's per-sample losses (``reduction="none"``).
+
+        Also called on the selection pass's candidate rows, while :attr:`maxup_selecting` is ``True``.
 
         Raises:
             NotImplementedError: Subclasses must implement it.
@@ -244,11 +311,15 @@ class MaxUpMixin:
         trainer = self._maxup_trainer()
         return int(trainer.global_rank) if trainer is not None else 0
 
+    def _maxup_world_size(self) -> int:
+        trainer = self._maxup_trainer()
+        return int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
+
     def maxup_resolved_seed(self) -> int:
         """The base seed of the augmentation stream.
 
         The configured seed, or ``seed_everything``'s, or this process's ``torch.initial_seed()`` (replaced by
-        rank 0's when a fit starts).
+        rank 0's at the first step of a fit).
         """
         if self.maxup_config.seed is None:
             self.maxup_config = self.maxup_config.replace(seed=resolve_seed(None))
@@ -256,16 +327,22 @@ class MaxUpMixin:
         return self.maxup_config.seed
 
     def maxup_keyed_generator(self, batch: Any, m: int, device: torch.device) -> KeyedGenerator:
-        """The per-row stream of ``randomness="sample"``: rows keyed ``(epoch, sample index, copy index)``.
+        """The per-row stream of ``randomness="sample"``.
 
-        Row ``k * B + i`` of the copy-major expanded batch is copy ``k`` of sample ``i``.
+        Row ``k * B + i`` of the copy-major expanded batch is copy ``k`` of sample ``i`` and is keyed
+        ``(epoch, step, sample index, occurrence, k)``, where ``occurrence`` counts earlier rows of the batch with
+        the same index, so a repeated index draws copies of its own.
         """
         index = torch.as_tensor(self.maxup_sample_index(batch)).to(device=device, dtype=torch.int64).flatten()
         b = int(index.shape[0])
         trainer = self._maxup_trainer()
         epoch = int(trainer.current_epoch) if trainer is not None else 0
         copy = torch.arange(m, device=device, dtype=torch.int64).repeat_interleave(b)
-        keys = torch.stack([torch.full_like(copy, epoch), index.repeat(m), copy], dim=1)
+        occurrence = _repeat_counts(index).repeat(m)
+        keys = torch.stack(
+            [torch.full_like(copy, epoch), torch.full_like(copy, self._maxup_draws), index.repeat(m), occurrence, copy],
+            dim=1,
+        )
         self._maxup_draws += 1
         return KeyedGenerator(self.maxup_resolved_seed(), keys)
 
@@ -281,17 +358,24 @@ class MaxUpMixin:
     def _maxup_next_generator(self, batch: Any, m: int) -> Generator:
         device = self.device  # type: ignore[attr-defined]
         if self.maxup_config.randomness == "sample":
-            return self.maxup_keyed_generator(batch, m, device)
+            return self.maxup_keyed_generator(_samples(batch), m, device)
         return self.maxup_generator(device)
 
     def _maxup_num_chunks(self, batch: Any, m: int) -> int | None:
         """Selection forwards per step, equal on all ranks, where each may be a collective (FSDP, SyncBN)."""
-        trainer = self._maxup_trainer()
         chunk = self.maxup_config.chunk_size
-        if chunk is None or m == 1 or trainer is None or int(getattr(trainer, "world_size", 1)) <= 1:
+        if chunk is None or m == 1 or self._maxup_world_size() <= 1:
             return None
-        self._maxup_nominal_rows = max(self._maxup_nominal_rows, batch_size(batch))
-        return -(-m * self._maxup_nominal_rows // chunk)
+        rows = max(self._maxup_agreed_rows, 1)
+        return -(-m * rows // chunk)
+
+    def _maxup_agree_rows(self, batch: Any) -> None:
+        """All ranks take the largest first-batch size of any rank (one all-reduce per fit, at its first step)."""
+        rows = _num_samples(batch)
+        if self.maxup_config.chunk_size is not None and self._maxup_world_size() > 1:
+            local = torch.tensor(max(rows, self._maxup_agreed_rows), device=self.device)  # type: ignore[attr-defined]
+            rows = int(self._maxup_trainer().strategy.reduce(local, reduce_op="max"))
+        self._maxup_agreed_rows = max(self._maxup_agreed_rows, rows)
 
     # ---------------------------------------------------------------------------------------------------------------
     # The step
@@ -306,32 +390,59 @@ class MaxUpMixin:
         model is left exactly as it was, and the augmentation stream is not consumed.
         """
         cfg = self.maxup_config
-        b = batch_size(batch)
         device = self.device  # type: ignore[attr-defined]
-        generator: Generator = torch.Generator(device=device).manual_seed(0)
-        if cfg.randomness == "sample":
-            generator = KeyedGenerator(0, torch.arange(cfg.m * b, device=device))
-        candidates = augment_rows(cfg.augment, expand_copies(batch, cfg.m), cfg.m * b, generator, cfg.m)
+        if isinstance(batch, Candidates):
+            _check_candidates(batch, cfg)
+            candidates = batch.batch
+        else:
+            b = batch_size(batch)
+            generator: Generator = torch.Generator(device=device).manual_seed(0)
+            if cfg.randomness == "sample":
+                generator = KeyedGenerator(0, torch.arange(cfg.m * b, device=device))
+            candidates = augment_rows(cfg.augment, expand_copies(batch, cfg.m), cfg.m * b, generator, cfg.m)
         check = getattr(cfg.view, "check", None)
         if callable(check):
             check(candidates)
         num_chunks = self._maxup_num_chunks(batch, cfg.m)
-        losses = selection_losses(self.per_sample_loss, candidates, cfg, model=self, num_chunks=num_chunks)  # type: ignore[arg-type]
+        losses = selection_losses(self._maxup_selection_loss, candidates, cfg, model=self, num_chunks=num_chunks)  # type: ignore[arg-type]
         if cfg.check_finite:
             self._maxup_finite(losses, "losses of the pre-flight check")
 
+    def _maxup_prepare(self, batch: Any) -> None:
+        """Once per Trainer, at its first step: the seed of rank 0, the agreed chunk count, the pre-flight check."""
+        trainer = self._maxup_trainer()
+        key = id(trainer) if trainer is not None else None
+        if self._maxup_prepared_for == key and key is not None:
+            return
+        if type(self).per_sample_loss is MaxUpMixin.per_sample_loss:
+            raise NotImplementedError(
+                f"{type(self).__name__} must implement `per_sample_loss(batch)` to use MaxUpMixin's step"
+            )
+        seed = self.maxup_resolved_seed()
+        if self._maxup_world_size() > 1:
+            self.maxup_config = self.maxup_config.replace(seed=int(trainer.strategy.broadcast(seed, src=0)))
+        check_per_sample(batch)
+        self._maxup_agree_rows(batch)
+        self.maxup_preflight(batch)
+        self._maxup_prepared_for = key
+
+    @torch.compiler.disable
     def maxup_step(self, batch: Any) -> MaxUpOutput:
         """Run one MaxUp step on ``batch`` with this module's settings and log its statistics.
 
         Call it from your own ``training_step`` (or manual optimisation) when you need more than the default
-        ``training_step``, which returns ``self.maxup_step(batch).loss``.
+        ``training_step``, which returns ``self.maxup_step(batch).loss``. It runs outside ``torch.compile``'s
+        graphs (its bookkeeping would be a guard per step); your ``per_sample_loss`` and the forwards it makes
+        compile as usual.
         """
-        if not self._maxup_preflight_done:
-            self.maxup_preflight(batch)
-            self._maxup_preflight_done = True
+        device = self.device  # type: ignore[attr-defined]
+        share = self._maxup_clock.tick(device)
+        self._maxup_prepare(batch)
         cfg = self.maxup_config
         m = self.maxup_active_m
-        self._maxup_warn_identity(m)
+        self._maxup_warn_identity(m, batch)
+        check_per_sample(batch)
+        seed = mix_seed(self.maxup_resolved_seed(), self._maxup_rank(), self._maxup_draws, _DROPOUT_STREAM)
         out = maxup_step(
             self.per_sample_loss,
             batch,
@@ -339,14 +450,26 @@ class MaxUpMixin:
             generator=self._maxup_next_generator(batch, m),
             model=self,  # type: ignore[arg-type]
             num_chunks=self._maxup_num_chunks(batch, m),
+            selection_seed=seed,
+            selection_fn=self._maxup_selection_loss,
         )
         if cfg.check_finite:
             what = "candidate losses in the MaxUp selection pass" if m > 1 else "training losses"
             self._maxup_finite(out.candidate_losses, what)
         self._maxup_clock.selection_done(out.selection_seconds)
-        self._maxup_log(out)
+        self._maxup_log(out, share)
         self.maxup_last_output = out if self.maxup_record else None
         return out
+
+    def _maxup_selection_loss(self, batch: Any) -> Tensor:
+        """``per_sample_loss`` with :attr:`maxup_selecting` set, for the selection pass and the pre-flight."""
+        self.maxup_selecting = True
+        try:
+            return self.per_sample_loss(batch)
+        finally:
+            self.maxup_selecting = False
+
+    _maxup_selection_loss.__name__ = "per_sample_loss"  # error messages name the hook the user wrote
 
     def _maxup_step_config(self, m: int) -> MaxUpConfig:
         """``maxup_config`` with this step's ``m`` and the finiteness check left to the deferred guard.
@@ -359,26 +482,67 @@ class MaxUpMixin:
             self._maxup_cached_config = cached
         return cached[2]
 
-    def _maxup_warn_identity(self, m: int) -> None:
-        if m > 1 and self.maxup_config.augment is None and not self._maxup_warned_identity:
-            self._maxup_warned_identity = True
-            rank_zero_warn(
+    def _maxup_warn_once(self, key: str, message: str) -> None:
+        if key not in self._maxup_warned:
+            self._maxup_warned.add(key)
+            rank_zero_warn(message)
+
+    def _maxup_warn_identity(self, m: int, batch: Any) -> None:
+        if m > 1 and self.maxup_config.augment is None and not isinstance(batch, Candidates):
+            self._maxup_warn_once(
+                "identity",
                 f"MaxUp runs with `m`={m} but `augment` is None: every copy is the same sample, so the selection"
-                " pass costs time and changes nothing; pass an augmentation or set m=1"
+                " pass costs time and changes nothing; pass an augmentation or set m=1",
             )
 
-    def _maxup_log_value(self, name: str, value: Tensor | float, b: int, prog_bar: bool = False) -> None:
-        log = self.log  # type: ignore[attr-defined]
-        # The step value stays on this rank (no collective per step); the epoch value is reduced over ranks.
-        log(f"maxup/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=b)
-        log(f"maxup/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
+    # ---------------------------------------------------------------------------------------------------------------
+    # Logging
+    # ---------------------------------------------------------------------------------------------------------------
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``, except during the selection pass, where the call is dropped with a warning.
 
-    def _maxup_log(self, out: MaxUpOutput) -> None:
-        if self._maxup_trainer() is None:  # a plain loop calling maxup_step: nothing to log to
+        ``per_sample_loss`` runs on candidate rows during selection; a value logged there would describe rows
+        that are not trained on.
+        """
+        if self.maxup_selecting:
+            self._maxup_warn_dropped_log(name)
             return
-        b = int(out.losses.shape[0])
+        super().log(name, value, *args, **kwargs)  # type: ignore[misc]
+
+    def log_dict(self, dictionary: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log_dict``, except during the selection pass (see :meth:`log`)."""
+        if self.maxup_selecting:
+            self._maxup_warn_dropped_log(", ".join(map(str, dictionary)))
+            return
+        super().log_dict(dictionary, *args, **kwargs)  # type: ignore[misc]
+
+    def _maxup_warn_dropped_log(self, name: str) -> None:
+        self._maxup_warn_once(
+            "log",
+            f"self.log({name!r}) was called while MaxUp's selection pass ran `per_sample_loss` on candidate rows;"
+            " such calls are dropped (check `self.maxup_selecting` to skip work meant for the trained rows)",
+        )
+
+    def _maxup_logging(self) -> bool:
+        trainer = self._maxup_trainer()
+        # A plain loop calling maxup_step has nothing to log to; a barebones Trainer refuses self.log.
+        return trainer is not None and not getattr(trainer, "barebones", False)
+
+    def _maxup_log_value(self, name: str, value: Tensor | float, b: int, prog_bar: bool = False) -> None:
+        # The step value stays on this rank (no collective per step); the epoch value is reduced over ranks.
+        self.log(f"maxup/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=b)
+        self.log(f"maxup/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
+
+    def _maxup_log(self, out: MaxUpOutput, share: float | None) -> None:
+        if not self._maxup_logging():
+            return
+        b, device = int(out.losses.shape[0]), out.loss.device
         self._maxup_log_value("loss", out.loss.detach(), b, prog_bar=True)
-        self.log("maxup/m", float(out.m), on_step=True, on_epoch=False, batch_size=b)  # type: ignore[attr-defined]
+        # Host numbers go to the device as a fill (torch.full), not a copy: Lightning's own conversion of a float
+        # (torch.tensor) is a synchronous host-to-device copy on CUDA.
+        self.log("maxup/m", torch.full((), float(out.m), device=device), on_step=True, on_epoch=False, batch_size=b)
+        if share is not None and out.m > 1:
+            self._maxup_log_value("selection_share", torch.full((), share, device=device), b)
         if out.m == 1:
             return
         self._maxup_log_value("worst_loss", out.worst_candidate_loss, b)
@@ -394,74 +558,76 @@ class MaxUpMixin:
         return self.maxup_step(batch).loss
 
     # ---------------------------------------------------------------------------------------------------------------
-    # Lightning hooks
+    # State: part of the module's state_dict, so it does not depend on hooks calling super()
     # ---------------------------------------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        """Check the module implements ``per_sample_loss`` and give every rank rank 0's seed."""
-        if type(self).per_sample_loss is MaxUpMixin.per_sample_loss and type(self).training_step is (
-            MaxUpMixin.training_step
-        ):
-            raise NotImplementedError(
-                f"{type(self).__name__} must implement `per_sample_loss(batch)` to use MaxUpMixin's training_step"
-            )
-        self._maxup_preflight_done = False
-        trainer = self._maxup_trainer()
-        seed = self.maxup_resolved_seed()
-        if trainer is not None and int(getattr(trainer, "world_size", 1)) > 1:
-            seed = int(trainer.strategy.broadcast(seed, src=0))
-            self.maxup_config = self.maxup_config.replace(seed=seed)
-        parent = getattr(super(), "on_fit_start", None)
-        if parent is not None:
-            parent()
+    def get_extra_state(self) -> Tensor:
+        """The augmentation stream's seed and position and the agreed selection rows, saved in ``state_dict``.
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
-        """Start the step clock."""
-        self._maxup_clock.step_started(self.device)  # type: ignore[attr-defined]
-        parent = getattr(super(), "on_train_batch_start", None)
-        return parent(batch, batch_idx) if parent is not None else None
+        One int64 CPU tensor ``[version, seed, draws, agreed rows]``, so every ``state_dict`` value stays a tensor
+        (code that clones a state dict, and distributed checkpoints, handle it like any other).
+        """
+        values = [_STATE_VERSION, self.maxup_resolved_seed(), self._maxup_draws, self._maxup_agreed_rows]
+        return torch.tensor(values, dtype=torch.int64)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log the share of the step spent selecting."""
-        share = self._maxup_clock.share()
-        if share is not None and self.maxup_active_m > 1:
-            self._maxup_log_value("selection_share", share, 1)
-        parent = getattr(super(), "on_train_batch_end", None)
-        if parent is not None:
-            parent(outputs, batch, batch_idx)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the augmentation stream's seed and position."""
-        checkpoint[_CHECKPOINT_KEY] = {
-            "seed": self.maxup_resolved_seed(),
-            "draws": self._maxup_draws,
-            "nominal_rows": self._maxup_nominal_rows,
-        }
-        parent = getattr(super(), "on_save_checkpoint", None)
-        if parent is not None:
-            parent(checkpoint)
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` saved; ``None`` (a checkpoint from before 0.3) restores nothing."""
+        if isinstance(state, Tensor):
+            _, seed, draws, rows = (int(v) for v in state.tolist())
+            state = {"seed": seed, "draws": draws, "agreed_rows": rows}
+        if not isinstance(state, dict):
+            return
+        if state.get("seed") is not None:
+            self.maxup_config = self.maxup_config.replace(seed=int(state["seed"]))
+        self._maxup_draws = int(state.get("draws") or 0)
+        self._maxup_agreed_rows = int(state.get("agreed_rows") or state.get("nominal_rows") or 0)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the augmentation stream's seed and position."""
-        state = checkpoint.get(_CHECKPOINT_KEY)
-        if state is not None:
-            if state["seed"] is not None:
-                self.maxup_config = self.maxup_config.replace(seed=int(state["seed"]))
-            self._maxup_draws = int(state["draws"])
-            self._maxup_nominal_rows = int(state.get("nominal_rows", 0))
+        """Read the stream of a checkpoint written before 0.3 (``checkpoint["lightning_maxup"]``)."""
+        legacy = checkpoint.get(_LEGACY_CHECKPOINT_KEY)
+        state_dict = checkpoint.get("state_dict")
+        if isinstance(legacy, dict) and isinstance(state_dict, dict):
+            state_dict.setdefault(_EXTRA_STATE_KEY, legacy)
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
 
 
-def _option_property(name: str) -> property:
-    def get(self: MaxUpMixin) -> Any:
-        return getattr(self.maxup_config, name)
-
-    def set_(self: MaxUpMixin, value: Any) -> None:
-        self.maxup_config = self.maxup_config.replace(**{name: value})
-
-    return property(get, set_, doc=f"``maxup_config.{name}``; setting it validates and replaces the config.")
+_DROPOUT_STREAM = 0x5E1EC7
+_STATE_VERSION = 1
+_LEGACY_CHECKPOINT_KEY = "lightning_maxup"
+_EXTRA_STATE_KEY = "_extra_state"
 
 
-for _option in option_names():
-    setattr(MaxUpMixin, f"maxup_{_option}", _option_property(_option))
+def _fill_missing_extra_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A ``state_dict`` from before 0.3 has no ``_extra_state``: load it as "nothing to restore"."""
+    state_dict.setdefault(prefix + _EXTRA_STATE_KEY, None)
+
+
+def _samples(batch: Any) -> Any:
+    """The ``B`` samples of a batch: copy 0 of premade candidates, or the batch itself."""
+    if isinstance(batch, Candidates):
+        return slice_rows(batch.batch, 0, batch.num_samples)
+    return batch
+
+
+def _num_samples(batch: Any) -> int:
+    return batch.num_samples if isinstance(batch, Candidates) else batch_size(batch)
+
+
+def _repeat_counts(index: Tensor) -> Tensor:
+    """For each entry, how many earlier entries hold the same value (``[3, 5, 3, 3] -> [0, 0, 1, 2]``), sync-free."""
+    order = torch.argsort(index, stable=True)
+    ordered = index[order]
+    position = torch.arange(index.shape[0], device=index.device)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    run_start = torch.where(starts, position, torch.zeros_like(position)).cummax(0).values
+    return torch.empty_like(position).scatter_(0, order, position - run_start)
+
+
+def _check_candidates(batch: Candidates, cfg: MaxUpConfig) -> None:
+    if batch.m not in (1, cfg.m):  # one copy: a loader that makes no extra views during the warm-up
+        raise ValueError(
+            f"The batch holds Candidates with {batch.m} copies per sample, but the module's `m` is {cfg.m}; make"
+            f" the loader's copies and `m` agree (MultiView(..., m={cfg.m}))"
+        )

@@ -56,6 +56,10 @@ INVALID: list = [
     pytest.param("seed", 1.5, ValueError, id="seed-float"),
     pytest.param("seed", True, ValueError, id="seed-bool"),
     pytest.param("randomness", "global", ValueError, id="randomness-unknown"),
+    pytest.param("selection_temperature", 0.0, ValueError, id="selection_temperature-zero"),
+    pytest.param("selection_temperature", -1.0, ValueError, id="selection_temperature-negative"),
+    pytest.param("selection_temperature", float("inf"), ValueError, id="selection_temperature-inf"),
+    pytest.param("selection_temperature", "hot", ValueError, id="selection_temperature-str"),
 ]
 
 
@@ -187,6 +191,7 @@ YAML_VALUES: dict[str, tuple[Any, Any]] = {
     "check_finite": (False, False),
     "seed": (7, 7),
     "randomness": ("sample", "sample"),
+    "selection_temperature": (0.5, 0.5),
 }
 
 
@@ -308,7 +313,7 @@ CODED = [(f.name, f.default) for f in dataclasses.fields(MaxUpConfig)]
     ("pairs", "drift"),
     [
         pytest.param(CODED, [], id="agrees"),
-        pytest.param(CODED[:-1], ["missing from the README: randomness='rank'"], id="missing"),
+        pytest.param(CODED[:-1], ["missing from the README: selection_temperature=None"], id="missing"),
         pytest.param([*CODED, ("jitter", 0.1)], ["not an option: jitter=0.1"], id="extra"),
         pytest.param([("m", 8), *CODED[1:]], ["m: README says 8, the code 4"], id="default"),
         pytest.param([CODED[1], CODED[0], *CODED[2:]], ["order: README ['augment', 'm', "], id="order"),

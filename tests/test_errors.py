@@ -72,10 +72,11 @@ def test_a_shape_error_without_selection_size_passes_through() -> None:
 
 
 class _FakeEvent:
-    """Stands in for ``torch.cuda.Event``: records a shared clock; ``elapsed_time`` raises on an unrecorded event,
-    as CUDA's does."""
+    """Stands in for ``torch.cuda.Event``: records a shared clock; ``query()`` is true once the device has reached
+    the recorded time (``_FakeEvent.done``); waiting on one fails the test, since the clock must never sync."""
 
     clock = 0.0
+    done = 0.0
 
     def __init__(self, enable_timing: bool = False) -> None:
         self.time: float | None = None
@@ -83,8 +84,11 @@ class _FakeEvent:
     def record(self) -> None:
         self.time = _FakeEvent.clock
 
+    def query(self) -> bool:
+        return self.time is not None and self.time <= _FakeEvent.done
+
     def synchronize(self) -> None:
-        pass
+        raise AssertionError("the step clock waited for the device")
 
     def elapsed_time(self, end: _FakeEvent) -> float:
         if self.time is None or end.time is None:
@@ -92,19 +96,35 @@ class _FakeEvent:
         return end.time - self.time
 
 
-def test_cuda_step_clock_survives_steps_that_skip_the_mixin(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_step_clock_never_waits_and_reports_finished_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    _FakeEvent.clock = _FakeEvent.done = 0.0
     clock, cuda = _StepClock(), torch.device("cuda")
     shares = []
-    for calls_maxup in (True, False, False, True, True):
-        clock.step_started(cuda)
-        if calls_maxup:
-            _FakeEvent.clock += 1.0  # selecting takes 1 time unit ...
+    # Each step: 1 time unit selecting, 3 for the rest. At step 3 the device lags: it has finished nothing new.
+    for step, lag in enumerate((0.0, 0.0, 0.0, 8.0, 0.0)):
+        _FakeEvent.done = _FakeEvent.clock - lag
+        shares.append(clock.tick(cuda))
+        if step != 1:  # step 1 runs no selection (a step that skips MaxUp): no share for it
+            _FakeEvent.clock += 1.0
             clock.selection_done(0.1)
-        _FakeEvent.clock += 3.0  # ... and the rest of the step 3
-        shares.append(clock.share())
-    # CUDA shares are reported one step late: step k's share comes with step k + 1.
-    assert shares == [None, 0.25, 0.0, 0.0, 0.25], shares
+        _FakeEvent.clock += 3.0
+    # A step's share arrives with a later tick once its closing event has completed, never by waiting.
+    assert shares == [None, 0.25, None, None, 0.25], shares
+
+
+def test_cpu_step_clock_shares_the_interval_between_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr("lightning_maxup.mixin.time.perf_counter", lambda: now[0])
+    clock, cpu = _StepClock(), torch.device("cpu")
+    shares = []
+    for selects in (True, False, True):
+        shares.append(clock.tick(cpu))
+        if selects:
+            clock.selection_done(1.0)
+        now[0] += 4.0
+    shares.append(clock.tick(cpu))
+    assert shares == [None, 0.25, None, 0.25], shares
 
 
 # The classifier defines a validation_step; this test needs only training batches.
