@@ -25,4 +25,4 @@ __all__ = [
     "Shared",
     "maxup_step",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -517,3 +517,60 @@ def test_temperature_through_the_step_replays_and_reports_the_draw() -> None:
     assert (a.selected != argmax).any(), "at tau=0.5 some draws differ from the arg-max"
     chosen = a.candidate_losses.gather(0, a.selected[None])[0]
     assert torch.allclose(chosen, a.losses.detach(), atol=1e-5), "the trained loss is the drawn copy's"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The mixin's per-step bookkeeping makes no host sync
+# ----------------------------------------------------------------------------------------------------------------------
+class Counted(Net):
+    """Counts the syncing ops inside every ``maxup_step`` after the first (which holds the pre-flight check)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.syncs: list[list[str]] = []
+        self.reports: list[str] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        from tests.sync_counter import SyncCounter
+
+        if self.global_step == 0 and self.maxup_active_m == 1 or self._maxup_prepared_for is None:
+            return self.maxup_step(batch).loss
+        with SyncCounter() as counter:
+            loss = self.maxup_step(batch).loss
+        # Lightning builds a result object (two small tensors) the first time a key is logged in a fit: its own
+        # one-time cost, not the step's.
+        syncs = [x for x in counter.syncs if not x.where.startswith("result.py") or " __init__ " not in x.where]
+        self.syncs.append([x.op for x in syncs])
+        self.reports.append("\n".join(f"{x.op}: {x.where}" for x in syncs))
+        return loss
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="crop-cutout"),
+        pytest.param({"selection_size": 4, "chunk_size": 8}, id="view-chunks"),
+        pytest.param({"selection_mode": "train", "selection_temperature": 0.5}, id="train-temperature"),
+        pytest.param({"augment": GaussianNoise(0.1), "randomness": "sample"}, id="keyed"),
+    ],
+)
+def test_mixin_step_makes_no_host_sync(options: dict[str, Any]) -> None:
+    class Model(Counted):
+        def maxup_sample_index(self, batch: Any) -> Tensor:
+            return batch[2]
+
+        def train_dataloader(self) -> DataLoader:
+            data = _data()
+            return DataLoader(TensorDataset(*data.tensors, torch.arange(24)), batch_size=8)
+
+    model = Model(m=3, check_finite=False, **options)
+    _trainer(max_epochs=2, callbacks=[MaxUp(warmup_epochs=1)]).fit(model)
+    assert len(model.syncs) >= 5
+    assert all(ops == [] for ops in model.syncs), "\n".join(model.reports)
+
+
+def test_finiteness_check_is_the_one_documented_sync_on_the_cpu() -> None:
+    model = Counted(m=3)
+    _trainer(max_epochs=1).fit(model)
+    # On the CPU the deferred guard reads its count at once: one `_local_scalar_dense` per step, nothing else.
+    assert all(ops == ["_local_scalar_dense"] for ops in model.syncs), model.syncs
