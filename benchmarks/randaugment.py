@@ -6,7 +6,10 @@ Run from the repository root (prints a markdown table; optionally updates the do
 
 Cases, each on the same float images in ``[0, 1]`` (``N = 2``, ``M = 9``):
 
-* ``ours``: :class:`lightning_maxup.augment.RandAugment`, every row its own ops, signs and magnitude, no loop.
+* ``ours``: :class:`lightning_maxup.augment.RandAugment`, every row its own ops, signs and magnitude, no loop; on
+  the CPU its default groups the rows by op (one host read of the group sizes).
+* ``ours, masked``: the same with ``grouping="masked"``, every op on every row and no host sync (the default on
+  accelerators).
 * ``torchvision``: ``TorchvisionAdapter(v2.RandAugment())``, every row its own draw, one transform call per row; on
   the float images and, as torchvision recommends for RandAugment, on uint8 copies of them.
 * ``kornia``: ``kornia.augmentation.auto.RandAugment(n=2, m=9)`` in one batched call (skipped if kornia is not
@@ -60,6 +63,7 @@ def build_cases(rows: int, size: int, device: torch.device) -> dict[str, Callabl
     x = torch.rand(rows, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     x_u8 = (x * 255).round().to(torch.uint8)
     ours = RandAugment(num_ops=NUM_OPS, magnitude=MAGNITUDE)
+    masked = RandAugment(num_ops=NUM_OPS, magnitude=MAGNITUDE, grouping="masked")
     adapter = TorchvisionAdapter(v2.RandAugment(num_ops=NUM_OPS, magnitude=MAGNITUDE))
 
     def generator() -> torch.Generator:
@@ -67,6 +71,7 @@ def build_cases(rows: int, size: int, device: torch.device) -> dict[str, Callabl
 
     cases: dict[str, Callable[[], object]] = {
         "ours (per row)": lambda: ours(x, generator=generator()),
+        "ours, masked (no host sync)": lambda: masked(x, generator=generator()),
         "torchvision adapter (per row), float": lambda: adapter(x, generator=generator()),
         "torchvision adapter (per row), uint8": lambda: adapter(x_u8, generator=generator()),
     }

@@ -27,6 +27,7 @@ __all__ = [
     "first_floating",
     "gather_rows",
     "map_rows",
+    "memory_format_of",
     "replace_inputs",
     "replace_leaf",
     "slice_rows",
@@ -113,21 +114,64 @@ def map_rows(batch: Any, fn: Callable[[Tensor], Tensor], rows: int | None = None
 def expand_copies(batch: Any, m: int) -> Any:
     """Repeat every per-sample leaf ``m`` times, copy-major: row ``k * B + i`` is copy ``k`` of sample ``i``.
 
+    Each leaf keeps its memory format (``repeat`` would return channels-last images as contiguous ones).
+
     Example:
         >>> expand_copies(torch.tensor([10, 11, 12]), 2)
         tensor([10, 11, 12, 10, 11, 12])
+        >>> x = torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+        >>> expand_copies(x, 3).is_contiguous(memory_format=torch.channels_last)
+        True
     """
-    return map_rows(batch, lambda t: t.repeat(m, *([1] * (t.dim() - 1))))
+    return map_rows(batch, lambda t: _repeat_rows(t, m))
+
+
+def _repeat_rows(t: Tensor, m: int) -> Tensor:
+    fmt = memory_format_of(t)
+    if fmt == torch.contiguous_format:
+        return t.repeat(m, *([1] * (t.dim() - 1)))
+    # One copy into a buffer of the leaf's format: the m copies are its outermost dimension.
+    out = torch.empty((m * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=fmt)
+    out.view(m, *t.shape).copy_(t.expand(m, *t.shape))
+    return out
+
+
+def memory_format_of(t: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` (``channels_last_3d``) if ``t`` is laid out so, else ``torch.contiguous_format``.
+
+    What a tensor computed from ``t`` should be made contiguous in. A layout that is contiguous in both formats
+    (one channel, or 1x1 pixels) counts as contiguous.
+
+    Example:
+        >>> memory_format_of(torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last))
+        torch.channels_last
+        >>> memory_format_of(torch.zeros(2, 3))
+        torch.contiguous_format
+    """
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def gather_rows(batch: Any, rows: Tensor) -> Any:
     """Select ``rows`` (a 1-D index tensor) of every per-sample leaf.
 
+    Each leaf keeps its memory format.
+
     Example:
         >>> gather_rows((torch.arange(6), torch.arange(6) * 10), torch.tensor([4, 1]))
         (tensor([4, 1]), tensor([40, 10]))
     """
-    return map_rows(batch, lambda t: t.index_select(0, rows.to(t.device)))
+    return map_rows(batch, lambda t: _in_format_of(t.index_select(0, rows.to(t.device)), t))
+
+
+def _in_format_of(out: Tensor, t: Tensor) -> Tensor:
+    fmt = memory_format_of(t)
+    return out if fmt == torch.contiguous_format else out.contiguous(memory_format=fmt)
 
 
 def slice_rows(batch: Any, start: int, stop: int) -> Any:
@@ -151,20 +195,34 @@ def unwrap_shared(batch: Any) -> Any:
 
 
 def split_inputs(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """Return ``(x, y)``: the first and second per-sample tensor leaves of ``batch`` (``y`` may be ``None``).
+    """Return ``(x, y)``: the inputs and the targets among the per-sample tensor leaves of ``batch``.
 
-    This is how the built-in augmentations find the inputs and the targets of a tensor, a tuple ``(x, y, ...)``,
-    a namedtuple, a dict (in key order) or any nesting of these.
+    The inputs are the per-sample leaf with the most dimensions (the first of them on a tie), so images come
+    first in a Hugging Face-style ``{"labels": ..., "pixel_values": ...}`` too; the targets are the first other
+    per-sample leaf (``None`` if there is none). This is how the built-in augmentations find the inputs and the
+    targets of a tensor, a tuple ``(x, y, ...)``, a namedtuple, a dict or any nesting of these; in an
+    autoencoder's ``(x, x)`` the first is the input and the second the target.
 
     Example:
         >>> x, y = split_inputs({"image": torch.zeros(2, 3), "label": torch.ones(2)})
         >>> x.shape, y.tolist()
         (torch.Size([2, 3]), [1.0, 1.0])
+        >>> x, y = split_inputs({"labels": torch.ones(2), "pixel_values": torch.zeros(2, 3, 4, 4)})
+        >>> x.shape, y.tolist()
+        (torch.Size([2, 3, 4, 4]), [1.0, 1.0])
     """
     per_sample = _per_sample_leaves(batch)
     if not per_sample:
         raise TypeError(f"Built-in augmentations need a batch holding a tensor, got {type(batch).__name__}")
-    return per_sample[0], per_sample[1] if len(per_sample) > 1 else None
+    i, j = _input_target_positions(per_sample)
+    return per_sample[i], None if j is None else per_sample[j]
+
+
+def _input_target_positions(per_sample: list[Tensor]) -> tuple[int, int | None]:
+    """Positions among the per-sample leaves of the inputs (most dimensions, first on a tie) and the targets."""
+    i = max(range(len(per_sample)), key=lambda k: (per_sample[k].dim(), -k))
+    j = next((k for k in range(len(per_sample)) if k != i), None)
+    return i, j
 
 
 def replace_inputs(batch: Any, x: Tensor, y: Tensor | None = None) -> Any:
@@ -173,15 +231,20 @@ def replace_inputs(batch: Any, x: Tensor, y: Tensor | None = None) -> Any:
     Example:
         >>> replace_inputs((torch.zeros(2), torch.zeros(2), torch.arange(2)), torch.ones(2))
         (tensor([1., 1.]), tensor([0., 0.]), tensor([0, 1]))
+        >>> replace_inputs({"labels": torch.zeros(2), "pixel_values": torch.zeros(2, 1)}, torch.ones(2, 1))
+        {'labels': tensor([0., 0.]), 'pixel_values': tensor([[1.],
+                [1.]])}
     """
     leaves = tensor_leaves(batch)
     n = _leading_rows(leaves)
     if not leaves:
         raise TypeError(f"Built-in augmentations need a batch holding a tensor, got {type(batch).__name__}")
-    if y is not None and (n is None or sum(_is_per_sample(t, n) for t in leaves) < 2):
+    per_sample = _per_sample_leaves(batch)
+    i, j = _input_target_positions(per_sample)
+    if y is not None and j is None:
         raise ValueError("The batch holds no target tensor to replace")
-    replacements = [x] if y is None else [x, y]
-    position = 0
+    replacements = {i: x} if y is None or j is None else {i: x, j: y}
+    position = -1
 
     # By position, not by identity: in a batch ``(x, x)`` (an autoencoder's input and target) only the input changes.
     def visit(t: Tensor) -> Tensor:
@@ -189,7 +252,7 @@ def replace_inputs(batch: Any, x: Tensor, y: Tensor | None = None) -> Any:
         if not _is_per_sample(t, n):
             return t
         position += 1
-        return replacements[position - 1] if position <= len(replacements) else t
+        return replacements.get(position, t)
 
     return apply_to_collection(batch, Tensor, visit)
 

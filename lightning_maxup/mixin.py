@@ -258,7 +258,7 @@ class MaxUpMixin:
         self.maxup_selecting = False
         self._maxup_draws = 0
         self._maxup_agreed_rows = 0
-        self._maxup_prepared_for: int | None = None
+        self._maxup_prepared_for: tuple[int | None] | None = None  # (id of the Trainer,) once prepared
         self._maxup_warned: set[str] = set()
         self._maxup_generator: torch.Generator | None = None
         self._maxup_clock = _StepClock()
@@ -411,8 +411,8 @@ class MaxUpMixin:
     def _maxup_prepare(self, batch: Any) -> None:
         """Once per Trainer, at its first step: the seed of rank 0, the agreed chunk count, the pre-flight check."""
         trainer = self._maxup_trainer()
-        key = id(trainer) if trainer is not None else None
-        if self._maxup_prepared_for == key and key is not None:
+        key = (id(trainer) if trainer is not None else None,)
+        if self._maxup_prepared_for == key:
             return
         if type(self).per_sample_loss is MaxUpMixin.per_sample_loss:
             raise NotImplementedError(

@@ -20,7 +20,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Generator", "KeyedGenerator", "beta", "hash32", "mix_seed", "normal", "randint", "resolve_seed", "uniform"]
+__all__ = [
+    "Generator",
+    "KeyedGenerator",
+    "beta",
+    "hash32",
+    "hash32_int",
+    "mix_seed",
+    "normal",
+    "randint",
+    "resolve_seed",
+    "uniform",
+]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
@@ -56,10 +67,29 @@ def resolve_seed(seed: int | None) -> int:
     return int(env) if env is not None else int(torch.initial_seed())
 
 
+def hash32_int(x: int) -> int:
+    """:func:`hash32` of one Python integer, computed on the host (no tensor, so no host-to-device copy).
+
+    Example:
+        >>> hash32_int(12345) == int(hash32(torch.tensor(12345)))
+        True
+    """
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
 def hash32(x: Tensor) -> Tensor:
     """Chris Wellons' ``lowbias32`` integer hash on int64 tensors holding 32-bit values.
 
     Wrapping int64 multiplication keeps the low 32 bits exact, and masking keeps every shift logical.
+
+    Example:
+        >>> hash32(torch.tensor([0, 1])).tolist()
+        [0, 1753845952]
     """
     x = x & _MASK32
     x = x ^ (x >> 16)
@@ -119,7 +149,8 @@ class KeyedGenerator:
         self.calls += 1
         per_row = math.prod(shape[1:])
         element = torch.arange(per_row, device=self.device, dtype=torch.int64)
-        call = hash32(torch.tensor(self.calls * 0x85EBCA6B, device=self.device, dtype=torch.int64))
+        # The call's hash is a Python int: a tensor built from it would be a host-to-device copy every draw.
+        call = hash32_int(self.calls * 0x85EBCA6B)
         h = hash32(self.row_hash[:, None] ^ call)
         h = hash32(h + element[None, :] * 0x27D4EB2F)
         return h.reshape(tuple(shape))
@@ -188,7 +219,7 @@ def normal(
 
 def randint(
     low: int | Tensor,
-    high: int | Tensor,
+    high: int | Sequence[int] | Tensor,
     shape: Sequence[int],
     *,
     generator: Generator | None = None,
@@ -196,17 +227,37 @@ def randint(
 ) -> Tensor:
     """Integers uniform in ``[low, high)``; ``low`` and ``high`` may be per-row tensors broadcasting to ``shape``.
 
+    ``high`` may also be a sequence of Python ints, one per element of the last dimension of ``shape`` (e.g.
+    ``(h, w)`` for a draw of shape ``[N, 2]``). Python bounds never become tensors, so a draw makes no
+    host-to-device copy.
+
     Example:
         >>> r = randint(2, 5, (1000,), generator=torch.Generator().manual_seed(0))
         >>> sorted(r.unique().tolist())
         [2, 3, 4]
+        >>> yx = randint(0, (3, 100), (1000, 2), generator=torch.Generator().manual_seed(0))
+        >>> yx.amax(0).tolist()
+        [2, 99]
     """
     u = uniform(shape, generator=generator, device=device, dtype=torch.float64)
-    low_t = torch.as_tensor(low, device=u.device, dtype=torch.float64)
-    high_t = torch.as_tensor(high, device=u.device, dtype=torch.float64)
-    r = torch.floor(low_t + u * (high_t - low_t)).to(torch.int64)
-    # Guard against float rounding reaching `high`.
-    return torch.minimum(r, high_t.to(torch.int64) - 1)
+    if isinstance(high, Sequence):
+        if len(high) != u.shape[-1]:
+            raise ValueError(f"Expected one `high` per element of the last dimension of {tuple(shape)}, got {high!r}")
+        columns = [_randint_from(u[..., j], low, int(h)) for j, h in enumerate(high)]
+        return torch.stack(columns, dim=-1)
+    return _randint_from(u, low, high)
+
+
+def _randint_from(u: Tensor, low: int | Tensor, high: int | Tensor) -> Tensor:
+    """``floor(low + u * (high - low))`` from float64 uniforms ``u``, kept below ``high``."""
+    lo = low.to(device=u.device, dtype=torch.float64) if isinstance(low, Tensor) else float(low)
+    if isinstance(high, Tensor):
+        high_t = high.to(device=u.device, dtype=torch.float64)
+        r = torch.floor(lo + u * (high_t - lo)).to(torch.int64)
+        # Guard against float rounding reaching `high`.
+        return torch.minimum(r, high_t.to(torch.int64) - 1)
+    r = torch.floor(lo + u * (float(high) - lo)).to(torch.int64)
+    return r.clamp_max(int(high) - 1)
 
 
 def _gamma(

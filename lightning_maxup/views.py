@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_maxup import random as lr
 from lightning_maxup._validation import non_negative_int, one_of, positive_int
-from lightning_maxup.batch import first_floating, replace_leaf, split_inputs
+from lightning_maxup.batch import first_floating, memory_format_of, replace_leaf, split_inputs
 from lightning_maxup.random import KeyedGenerator, hash32
 
 __all__ = [
@@ -65,19 +65,25 @@ def _resize_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.devi
 def resize_antialiased(x: Tensor, size: int) -> Tensor:
     """Antialiased bilinear resize of images ``[N, C, H, W]`` to ``size x size``.
 
+    bfloat16 and float16 images are resized in float32 and returned in their own dtype.
+
     Example:
         >>> resize_antialiased(torch.ones(2, 3, 32, 32), 16).shape
         torch.Size([2, 3, 16, 16])
+        >>> resize_antialiased(torch.ones(2, 3, 32, 32, dtype=torch.bfloat16), 16).dtype
+        torch.bfloat16
     """
+    if x.dtype not in (torch.float32, torch.float64):
+        # PyTorch's antialiased kernel takes no bfloat16/float16 on the CPU; resizing in float32 and rounding once
+        # at the end is also the more accurate result on any device.
+        return resize_antialiased(x.float(), size).to(dtype=x.dtype, memory_format=memory_format_of(x))
     h, w = int(x.shape[-2]), int(x.shape[-1])
-    if max(h, w) > _MATMUL_RESIZE_MAX_SIDE or x.dtype not in (torch.float32, torch.float64):
+    if max(h, w) > _MATMUL_RESIZE_MAX_SIDE:
         return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     a_h = _resize_matrix(h, size, x.dtype, x.device)
     a_w = a_h if w == h else _resize_matrix(w, size, x.dtype, x.device)
     out = torch.matmul(torch.matmul(a_h, x), a_w.t())
-    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    return out.contiguous(memory_format=memory_format_of(x))
 
 
 class Downsample:

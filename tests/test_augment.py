@@ -257,3 +257,76 @@ def test_bad_inputs():
         soft_targets(torch.rand(5, 4), 3)
     with pytest.raises(ValueError, match="larger than the padded image"):
         RandomCrop(10)(torch.zeros(2, 1, 8, 8))
+
+
+def test_randint_with_per_column_python_bounds_matches_tensor_bounds():
+    """``high=(h, w)`` (no tensor from Python data) draws what ``high=torch.tensor([h, w])`` draws."""
+    for make in (lambda: torch.Generator().manual_seed(3), lambda: KeyedGenerator(3, torch.arange(500))):
+        by_tuple = randint(2, (9, 40), (500, 2), generator=make())
+        by_tensor = randint(2, torch.tensor([9, 40]), (500, 2), generator=make())
+        assert torch.equal(by_tuple, by_tensor)
+        assert by_tuple.amin(0).tolist() == [2, 2]
+        assert by_tuple.amax(0).tolist() == [8, 39]
+    with pytest.raises(ValueError, match=r"one `high` per element of the last dimension of \(4, 2\), got \(3, 4, 5\)"):
+        randint(0, (3, 4, 5), (4, 2), generator=torch.Generator())
+
+
+def test_host_hash_matches_the_tensor_hash():
+    from lightning_maxup.random import hash32, hash32_int
+
+    values = [0, 1, 2, 0x85EBCA6B, 7 * 0x85EBCA6B, 2**32 - 1, 2**40 + 5]
+    expected = hash32(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert [hash32_int(v) for v in values] == expected
+
+
+def test_label_range_is_checked_on_the_first_call_and_later_gives_nan_targets():
+    x, y = _batch(8)
+    for aug in (CutMix(1.0, 5), Mixup(0.4, 5)):
+        aug((x, y), generator=torch.Generator().manual_seed(0))  # the first call checks, and passes
+        bad = y.clone()
+        bad[3] = 5
+        _, soft = aug((x, bad), generator=torch.Generator().manual_seed(0))  # no host read: no error
+        assert soft.isnan().any(dim=1).tolist() == [
+            bool(i == 3 or p == 3)
+            for i, p in enumerate(aug.sample((x, bad), torch.Generator().manual_seed(0))["partner"])
+        ]
+        with pytest.raises(ValueError, match=r"labels in \[0, `num_classes`=5\), got values in \[0, 5\]"):
+            aug.check((x, bad))
+
+
+def test_out_of_range_labels_after_the_first_call_fail_the_step_finiteness_check():
+    from lightning_maxup.functional import maxup_step
+
+    x, y = _batch(8)
+    net = torch.nn.Linear(8 * 8 * 3, 5)
+    aug = CutMix(1.0, 5)
+
+    def loss_fn(b):
+        return F.cross_entropy(net(b[0].flatten(1)), b[1], reduction="none")
+
+    maxup_step(loss_fn, (x, y), augment=aug, m=2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FloatingPointError, match="candidate losses"):
+        maxup_step(loss_fn, (x, torch.full_like(y, 9)), augment=aug, m=2, generator=torch.Generator().manual_seed(0))
+
+
+def test_word_dropout_token_range_is_checked_on_the_first_call_and_later_gives_nan_scales():
+    from lightning_maxup.augment import WordEmbeddingDropout
+
+    aug = WordEmbeddingDropout(0.3, vocab_size=6)
+    tokens = torch.tensor([[0, 5, 2], [1, 1, 3]])
+    aug((tokens, tokens), generator=torch.Generator().manual_seed(0))
+    bad = torch.tensor([[0, 6, 2], [1, -1, 3]])
+    _, _, scale = aug((bad, bad), generator=torch.Generator().manual_seed(0))
+    assert scale.isnan().tolist() == [[False, True, False], [False, True, False]]
+    with pytest.raises(ValueError, match=r"token ids in \[0, `vocab_size`=6\), got values in \[-1, 6\]"):
+        aug.check((bad, bad))
+
+
+def test_cutout_fill_keeps_the_image_dtype():
+    x = torch.full((4, 1, 6, 6), 200, dtype=torch.uint8)
+    out = Cutout(3, fill=7)(x, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8
+    assert set(out.unique().tolist()) == {7, 200}
+    half = Cutout(3, fill=0.25)(x.to(torch.bfloat16), generator=torch.Generator().manual_seed(0))
+    assert half.dtype == torch.bfloat16
+    assert set(half.unique().tolist()) == {0.25, 200.0}

@@ -354,6 +354,15 @@ def test_tensor_that_is_not_per_sample_is_refused_at_the_first_batch() -> None:
         _trainer(max_epochs=1).fit(Scaled(m=2), items)
 
 
+def test_preflight_runs_once_without_a_trainer() -> None:
+    model = Net(m=3)
+    batch = next(iter(DataLoader(_data(), batch_size=8)))
+    for _ in range(3):
+        model.maxup_step(batch)
+    # the pre-flight (24 rows, selecting) once, then per step: selection (24) and the gradient forward (8)
+    assert model.calls == [(True, 24)] + [(True, 24), (False, 8)] * 3
+
+
 def test_plain_maxup_step_finds_the_model_or_warns() -> None:
     import copy
 
@@ -533,7 +542,7 @@ class Counted(Net):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         from tests.sync_counter import SyncCounter
 
-        if self.global_step == 0 and self.maxup_active_m == 1 or self._maxup_prepared_for is None:
+        if self._maxup_prepared_for is None:  # the first step prepares the fit (pre-flight, seed, agreed rows)
             return self.maxup_step(batch).loss
         with SyncCounter() as counter:
             loss = self.maxup_step(batch).loss

@@ -298,6 +298,52 @@ def test_keyed_generator_rows_do_not_depend_on_the_batch_split() -> None:
     assert torch.equal(aug(x, params=whole)[16:], aug(x[16:], params=half))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "shape", "dtype"),
+    [
+        pytest.param({"num_ops": 2}, (3, 16, 16), torch.float32, id="default"),
+        pytest.param({"num_ops": 4, "random_magnitude": True}, (3, 17, 23), torch.float32, id="random-17x23"),
+        pytest.param({"num_ops": 3, "fill": (0.2, 0.5, 0.9)}, (3, 12, 12), torch.float32, id="fill"),
+        pytest.param({"num_ops": 3, "interpolation": "bilinear", "fill": 0.3}, (3, 12, 12), torch.float32, id="bilin"),
+        pytest.param({"num_ops": 2, "magnitude": 30}, (1, 16, 16), torch.float32, id="grey"),
+        pytest.param({"num_ops": 2, "random_magnitude": True}, (3, 16, 16), torch.float64, id="float64"),
+    ],
+)
+def test_masked_path_matches_the_grouped_path_row_by_row(
+    kwargs: dict[str, Any], shape: tuple[int, int, int], dtype: torch.dtype
+) -> None:
+    """The sync-free path (every op on every row, ``torch.where``) against the grouped one, for the same draw."""
+    x = _images(96, *shape, seed=21).to(dtype)
+    params = RandAugment(**kwargs).sample(x, _gen(22))
+    grouped = RandAugment(**kwargs, grouping="sorted")(x, params=params)
+    masked = RandAugment(**kwargs, grouping="masked")(x, params=params)
+    assert masked.dtype == grouped.dtype == dtype
+    err = (masked - grouped).abs().flatten(1).amax(1)
+    worst = int(err.argmax())
+    assert err.max() <= 1e-6, f"row {worst} (ops {params['op'][worst].tolist()}) differs by {float(err.max()):.3g}"
+    assert set(params["op"].flatten().tolist()) == set(range(len(OPS))), "the draw should cover every op"
+
+
+def test_auto_grouping_is_sorted_on_the_cpu_and_masked_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(RandAugment, "_apply_grouped", lambda self, x, *a: calls.append("sorted") or x.clone())
+    monkeypatch.setattr(RandAugment, "_apply_masked", lambda self, x, *a: calls.append("masked") or x.clone())
+    x = torch.rand(4, 3, 8, 8)
+    for grouping in ("auto", "sorted", "masked"):
+        RandAugment(grouping=grouping)(x, generator=_gen())
+    assert calls == ["sorted", "sorted", "masked"]
+
+
+@pytest.mark.parametrize("grouping", ["sorted", "masked"])
+def test_channels_last_images_stay_channels_last(grouping: str) -> None:
+    x = torch.rand(8, 3, 8, 8, generator=_gen(23))
+    params = RandAugment(num_ops=2).sample(x, _gen(24))
+    aug = RandAugment(num_ops=2, grouping=grouping)
+    out = aug(x.contiguous(memory_format=torch.channels_last), params=params)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, aug(x, params=params))
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -340,6 +386,11 @@ def test_device_and_dtype_are_preserved(device: str, dtype: torch.dtype) -> None
             {"interpolation": "bicubic"},
             "Expected `interpolation` to be one of 'nearest', 'bilinear', got 'bicubic'",
             id="interpolation",
+        ),
+        pytest.param(
+            {"grouping": "sort"},
+            "Expected `grouping` to be one of 'auto', 'sorted', 'masked', got 'sort'",
+            id="grouping",
         ),
     ],
 )

@@ -27,8 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from ddp_common import CollectiveRecorder, LitDDP, max_param_diff, read_ranks  # noqa: E402
 
 from lightning_maxup import MaxUpMixin  # noqa: E402
-from lightning_maxup.augment import GaussianNoise  # noqa: E402
+from lightning_maxup.augment import (  # noqa: E402
+    Compose,
+    CutMix,
+    Cutout,
+    GaussianNoise,
+    Mixup,
+    PointGaussianNoise,
+    PointJitter,
+    RandAugment,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomPointRotation,
+    RandomPointScale,
+    WordEmbeddingDropout,
+)
 from lightning_maxup.data import IndexedDataset  # noqa: E402
+from lightning_maxup.random import KeyedGenerator  # noqa: E402
+from lightning_maxup.views import PointSubset  # noqa: E402
 
 
 class _Lit(MaxUpMixin, pl.LightningModule):
@@ -69,6 +85,8 @@ def test_keyed_draws_follow_the_sample_not_the_batch() -> None:
     x = torch.zeros(6, 4)
 
     def draws(index: list[int]) -> Tensor:
+        # Both batches as the same step: the keys include the step count, which each generator advances.
+        model._maxup_draws = 0
         idx = torch.tensor(index)
         g = model.maxup_keyed_generator((x[: len(index)], idx), 3, torch.device("cpu"))
         return noise.sample(x[: len(index)].repeat(3, 1), g)["noise"].view(3, len(index), 4)
@@ -78,6 +96,87 @@ def test_keyed_draws_follow_the_sample_not_the_batch() -> None:
     torch.testing.assert_close(part[:, 0], whole[:, 4], rtol=0, atol=0)
     torch.testing.assert_close(part[:, 1], whole[:, 1], rtol=0, atol=0)
     assert not torch.equal(whole[0, 1], whole[1, 1]), "copies of a sample must differ"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Which built-in augmentations are world-size invariant: two ranks with half the rows each draw and output exactly
+# what one process with all the rows does (docs/augmentations.md has the table).
+# --------------------------------------------------------------------------------------------------------------------
+_N = 16
+
+
+def _data(kind: str) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 5, (_N,), generator=g)
+    if kind == "images":
+        return torch.rand(_N, 3, 12, 12, generator=g), labels
+    if kind == "points":
+        return torch.randn(_N, 40, 3, generator=g), labels
+    tokens = torch.randint(0, 9, (_N, 6), generator=g)
+    return tokens, tokens.roll(1, dims=1)
+
+
+def _keys() -> Tensor:
+    # (sample index, copy index) of m = 4 copies of 4 samples, copy-major, as the mixin keys the rows.
+    return torch.stack([torch.arange(_N) % 4 + 100, torch.arange(_N) // 4], dim=1)
+
+
+def _split_matches_whole(augment: Any, kind: str, ranks: int = 2) -> bool:
+    batch = _data(kind)
+    whole = augment(batch, generator=KeyedGenerator(9, _keys()))
+    for rank in range(ranks):
+        rows = torch.arange(rank, _N, ranks)  # a DistributedSampler(shuffle=False) deal
+        part = augment(tuple(t[rows] for t in batch), generator=KeyedGenerator(9, _keys()[rows]))
+        if len(part) != len(whole) or not all(torch.equal(w[rows], p) for w, p in zip(whole, part, strict=True)):
+            return False
+    return True
+
+
+INVARIANT = [
+    pytest.param(lambda: RandomCrop(12, padding=3), "images", id="RandomCrop"),
+    pytest.param(RandomHorizontalFlip, "images", id="RandomHorizontalFlip"),
+    pytest.param(lambda: Cutout(5), "images", id="Cutout"),
+    pytest.param(lambda: GaussianNoise(0.2), "images", id="GaussianNoise"),
+    pytest.param(lambda: RandAugment(3, 9, random_magnitude=True, grouping="sorted"), "images", id="RandAugment"),
+    pytest.param(lambda: RandAugment(3, 9, grouping="masked"), "images", id="RandAugment-masked"),
+    pytest.param(
+        lambda: Compose([RandomCrop(12, padding=3), RandomHorizontalFlip(), Cutout(5)]), "images", id="Compose"
+    ),
+    pytest.param(PointJitter, "points", id="PointJitter"),
+    pytest.param(lambda: PointGaussianNoise(0.1, min_sigma=0.0), "points", id="PointGaussianNoise"),
+    pytest.param(lambda: RandomPointScale(anisotropic=True), "points", id="RandomPointScale"),
+    pytest.param(RandomPointRotation, "points", id="RandomPointRotation"),
+    pytest.param(lambda: WordEmbeddingDropout(0.3, vocab_size=9), "tokens", id="WordEmbeddingDropout"),
+]
+
+
+@pytest.mark.parametrize(("augment", "kind"), INVARIANT)
+def test_augmentation_is_world_size_invariant(augment: Any, kind: str) -> None:
+    assert _split_matches_whole(augment(), kind, ranks=2)
+    assert _split_matches_whole(augment(), kind, ranks=4)
+
+
+@pytest.mark.parametrize("augment", [lambda: CutMix(1.0, 5), lambda: Mixup(1.0, 5)], ids=["CutMix", "Mixup"])
+def test_mixing_partners_come_from_the_local_batch(augment: Any) -> None:
+    """CutMix and Mixup are not invariant: a row's partner is another row of the batch the rank holds."""
+    aug = augment()
+    x, y = _data("images")
+    rows = torch.arange(0, _N, 2)
+    whole = aug.sample((x, y), KeyedGenerator(9, _keys()))
+    part = aug.sample((x[rows], y[rows]), KeyedGenerator(9, _keys()[rows]))
+    # The weight (and CutMix's box) is keyed by the row and so the same on any rank ...
+    assert torch.equal(whole["lam"][rows], part["lam"])
+    # ... but the partner is a position in the local batch: a different sample once the batch is split.
+    assert not torch.equal(rows[part["partner"]], whole["partner"][rows])
+    assert not _split_matches_whole(aug, "images")
+
+
+def test_point_subset_view_is_world_size_invariant() -> None:
+    x, y = _data("points")
+    view = PointSubset(16)
+    whole, _ = view((x, y))
+    for rows in (torch.arange(0, _N, 2), torch.arange(1, _N, 2)):
+        assert torch.equal(view((x[rows], y[rows]))[0], whole[rows])
 
 
 @pytest.fixture

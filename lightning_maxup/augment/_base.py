@@ -30,7 +30,16 @@ class Augmentation(ABC):
 
     Subclasses implement :meth:`sample`, which makes every random draw for every row, and :meth:`apply`,
     which is deterministic given those parameters. Calling the augmentation does both.
+
+    Neither reads a tensor's values on the host, so a call makes no host-device sync. Checks that must read
+    values (labels or token ids in range) live in :meth:`check`, which a call runs on the first batch the
+    augmentation sees only (the mixin's pre-flight check is such a first call); later batches are not checked
+    on the host, and an out-of-range value there gives NaN targets or scales, which the step's ``check_finite``
+    reports.
     """
+
+    def check(self, batch: Any) -> None:  # noqa: B027 - an optional hook, not an abstract one
+        """Validate the values of ``batch`` (may read them on the host); the base class has nothing to check."""
 
     @abstractmethod
     def sample(self, batch: Any, generator: Generator | None = None) -> Params:
@@ -41,6 +50,9 @@ class Augmentation(ABC):
         """Apply the drawn ``params`` to ``batch``; returns a new batch and never modifies ``batch`` in place."""
 
     def __call__(self, batch: Any, *, generator: Generator | None = None, params: Params | None = None) -> Any:
+        if not getattr(self, "_checked", False):
+            self.check(batch)
+            self._checked = True
         if params is None:
             params = self.sample(batch, generator)
         return self.apply(batch, params)

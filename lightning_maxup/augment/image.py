@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lightning_maxup import random as lr
 from lightning_maxup.augment._base import Augmentation, Params, replace_inputs, split_inputs
+from lightning_maxup.batch import memory_format_of
 from lightning_maxup.random import Generator
 
 __all__ = ["CutMix", "Cutout", "GaussianNoise", "Mixup", "RandomCrop", "RandomHorizontalFlip"]
@@ -29,6 +30,14 @@ def _check_image(x: Tensor, name: str) -> tuple[int, int]:
     if x.dim() != 4:
         raise ValueError(f"{name} expects images of shape [N, C, H, W], got shape {tuple(x.shape)}")
     return int(x.shape[-2]), int(x.shape[-1])
+
+
+def _check_floating(x: Tensor, name: str) -> None:
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} expects floating-point inputs, got dtype {x.dtype}: noise of scale `sigma` has no integer"
+            " version; convert first, e.g. `x.float() / 255` for uint8 images"
+        )
 
 
 def _positive(value: float, name: str) -> float:
@@ -55,22 +64,44 @@ def _box_mask(top: Tensor, bottom: Tensor, left: Tensor, right: Tensor, h: int, 
 def soft_targets(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Return ``y`` as class probabilities ``[N, num_classes]``: one-hot for integer labels, unchanged if soft.
 
+    Integer labels are checked to lie in ``[0, num_classes)``, which reads them on the host (a sync on an
+    accelerator); the mixing augmentations check once, on their first batch, and then use the unchecked encoding.
+
     Example:
         >>> soft_targets(torch.tensor([2, 0]), 3)
         tensor([[0., 0., 1.],
                 [1., 0., 0.]])
     """
     if not y.is_floating_point():
-        if y.dim() != 1:
-            raise ValueError(f"Expected integer labels of shape [N], got shape {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(
-                f"Expected labels in [0, `num_classes`={num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
-            )
-        return F.one_hot(y, num_classes).to(dtype)
-    if y.dim() != 2 or y.shape[1] != num_classes:
-        raise ValueError(f"Expected soft targets of shape [N, {num_classes}], got shape {tuple(y.shape)}")
-    return y
+        _check_labels(y, num_classes)
+    return _soft_targets(y, num_classes, dtype)
+
+
+def _check_labels(y: Tensor, num_classes: int) -> None:
+    if y.dim() != 1:
+        raise ValueError(f"Expected integer labels of shape [N], got shape {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"Expected labels in [0, `num_classes`={num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
+        )
+
+
+def _soft_targets(y: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """:func:`soft_targets` without reading values on the host: a label outside the classes gives a NaN row.
+
+    ``F.one_hot`` checks the range with a host sync on the CPU; comparing with ``arange`` does not, and the NaN
+    row makes the loss NaN, which the step's ``check_finite`` reports.
+    """
+    if y.is_floating_point():
+        if y.dim() != 2 or y.shape[1] != num_classes:
+            raise ValueError(f"Expected soft targets of shape [N, {num_classes}], got shape {tuple(y.shape)}")
+        return y
+    if y.dim() != 1:
+        raise ValueError(f"Expected integer labels of shape [N], got shape {tuple(y.shape)}")
+    classes = torch.arange(num_classes, device=y.device)
+    one_hot = (y[:, None] == classes).to(dtype)
+    valid = ((y >= 0) & (y < num_classes))[:, None]
+    return torch.where(valid, one_hot, float("nan"))
 
 
 def _partners(n: int, generator: Generator | None, device: torch.device) -> Tensor:
@@ -100,11 +131,13 @@ class GaussianNoise(Augmentation):
     def sample(self, batch: Any, generator: Generator | None = None) -> Params:
         """Draw one noise tensor of the inputs' shape."""
         x, _ = split_inputs(batch)
+        _check_floating(x, "GaussianNoise")
         return {"noise": lr.normal(tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)}
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Add ``sigma * noise`` to the inputs."""
         x, _ = split_inputs(batch)
+        _check_floating(x, "GaussianNoise")
         return replace_inputs(batch, x + self.sigma * params["noise"])
 
 
@@ -131,7 +164,7 @@ class Cutout(Augmentation):
         x, _ = split_inputs(batch)
         h, w = _check_image(x, "Cutout")
         n = x.shape[0]
-        centre = lr.randint(0, torch.tensor([h, w]), (n, 2), generator=generator, device=x.device)
+        centre = lr.randint(0, (h, w), (n, 2), generator=generator, device=x.device)
         return {"cy": centre[:, 0], "cx": centre[:, 1]}
 
     def mask(self, x: Tensor, params: Params) -> Tensor:
@@ -148,7 +181,11 @@ class Cutout(Augmentation):
     def apply(self, batch: Any, params: Params) -> Any:
         """Fill each row's square."""
         x, _ = split_inputs(batch)
-        out = torch.where(self.mask(x, params), torch.as_tensor(self.fill, dtype=x.dtype, device=x.device), x)
+        if not (x.is_floating_point() or x.is_complex() or self.fill.is_integer()):
+            raise ValueError(f"Cutout's `fill`={self.fill} is not a value of integer images (dtype {x.dtype})")
+        # A 0-d tensor of the images' dtype (made on the device: no copy from the host), so uint8 stays uint8.
+        fill = torch.full((), self.fill, dtype=x.dtype, device=x.device)
+        out = torch.where(self.mask(x, params), fill, x)
         return replace_inputs(batch, out)
 
 
@@ -166,11 +203,20 @@ class _Mixing(Augmentation):
             "partner": _partners(n, generator, x.device),
         }
 
-    def _mix_labels(self, batch: Any, lam: Tensor, partner: Tensor, dtype: torch.dtype) -> Tensor:
+    def check(self, batch: Any) -> None:
+        """Raise unless the batch holds labels, and integer labels lie in ``[0, num_classes)`` (a host sync)."""
+        y = self._labels(batch)
+        if not y.is_floating_point():
+            _check_labels(y, self.num_classes)
+
+    def _labels(self, batch: Any) -> Tensor:
         _, y = split_inputs(batch)
         if y is None:
             raise ValueError(f"{type(self).__name__} mixes labels: expected a batch `(x, y, ...)`, got a bare tensor")
-        soft = soft_targets(y, self.num_classes, dtype=dtype)
+        return y
+
+    def _mix_labels(self, batch: Any, lam: Tensor, partner: Tensor, dtype: torch.dtype) -> Tensor:
+        soft = _soft_targets(self._labels(batch), self.num_classes, dtype)
         lam = lam.to(soft.dtype)[:, None]
         return lam * soft + (1 - lam) * soft[partner]
 
@@ -197,7 +243,7 @@ class CutMix(_Mixing):
         x, _ = split_inputs(batch)
         h, w = _check_image(x, "CutMix")
         params = self._draw(x, generator)
-        centre = lr.randint(0, torch.tensor([h, w]), (x.shape[0], 2), generator=generator, device=x.device)
+        centre = lr.randint(0, (h, w), (x.shape[0], 2), generator=generator, device=x.device)
         params["cy"], params["cx"] = centre[:, 0], centre[:, 1]
         return params
 
@@ -248,9 +294,15 @@ class Mixup(_Mixing):
         """Blend inputs and labels."""
         x, _ = split_inputs(batch)
         lam, partner = params["lam"], params["partner"]
-        lam_x = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        out = lam_x * x + (1 - lam_x) * x[partner]
-        return replace_inputs(batch, out, self._mix_labels(batch, lam, partner, x.dtype))
+        if x.is_floating_point():
+            lam_x = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+            out = lam_x * x + (1 - lam_x) * x[partner]
+            return replace_inputs(batch, out, self._mix_labels(batch, lam, partner, x.dtype))
+        # Integer images (uint8) blend in float32 and round back: a weight cast to uint8 would be 0 or 1.
+        lam_x = lam.to(torch.float32).view(-1, *([1] * (x.dim() - 1)))
+        blended = lam_x * x + (1 - lam_x) * x[partner]
+        out = blended.round_().to(x.dtype)
+        return replace_inputs(batch, out, self._mix_labels(batch, lam, partner, torch.float32))
 
 
 class RandomCrop(Augmentation):
@@ -294,7 +346,7 @@ class RandomCrop(Augmentation):
         hp, wp = h + 2 * self.padding, w + 2 * self.padding
         if self.size[0] > hp or self.size[1] > wp:
             raise ValueError(f"`size`={self.size} is larger than the padded image ({hp}, {wp})")
-        high = torch.tensor([hp - self.size[0] + 1, wp - self.size[1] + 1])
+        high = (hp - self.size[0] + 1, wp - self.size[1] + 1)
         offset = lr.randint(0, high, (x.shape[0], 2), generator=generator, device=x.device)
         return {"top": offset[:, 0], "left": offset[:, 1]}
 
@@ -309,15 +361,7 @@ class RandomCrop(Augmentation):
         windows = xp.unfold(2, ch, 1).unfold(3, cw, 1)
         n = torch.arange(x.shape[0], device=x.device)
         out = windows[n, :, params["top"], params["left"]]  # [N, C, ch, cw]
-        return replace_inputs(batch, out.contiguous(memory_format=_memory_format(x)))
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    return (
-        torch.channels_last
-        if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
-        else (torch.contiguous_format)
-    )
+        return replace_inputs(batch, out.contiguous(memory_format=memory_format_of(x)))
 
 
 class RandomHorizontalFlip(Augmentation):

@@ -114,15 +114,27 @@ class WordEmbeddingDropout(Augmentation):
         u = lr.uniform((tokens.shape[0], self.vocab_size), generator=generator, device=tokens.device)
         return {"keep": u >= self.p}
 
-    def scale(self, tokens: Tensor, keep: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Per-token scale ``[N, T]``: ``keep[n, tokens[n, t]] / (1 - p)``."""
+    def check(self, batch: Any) -> None:
+        """Raise unless every token id lies in ``[0, vocab_size)`` (reads the ids on the host: a sync)."""
+        tokens = _tokens_of(batch, self.key)
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise ValueError(
                 f"Expected token ids in [0, `vocab_size`={self.vocab_size}), got values in"
                 f" [{int(tokens.min())}, {int(tokens.max())}]"
             )
-        kept = keep.to(tokens.device).gather(1, tokens.long())
-        return kept.to(dtype) * (1.0 / (1.0 - self.p))
+
+    def scale(self, tokens: Tensor, keep: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Per-token scale ``[N, T]``: ``keep[n, tokens[n, t]] / (1 - p)``.
+
+        The range of the ids is not read on the host (that would be a sync every step; :meth:`check` does it on
+        the first batch): an id outside ``[0, vocab_size)`` gets a NaN scale, so the loss is NaN and the step's
+        ``check_finite`` reports it.
+        """
+        ids = tokens.long()
+        valid = (ids >= 0) & (ids < self.vocab_size)
+        kept = keep.to(tokens.device).gather(1, ids.clamp(0, self.vocab_size - 1))
+        scale = kept.to(dtype) * (1.0 / (1.0 - self.p))
+        return torch.where(valid, scale, float("nan"))
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Return the batch with the per-token scale added (see the class docstring)."""
