@@ -6,7 +6,7 @@ MaxUp (Gong, Ren, Ye & Liu, CVPR 2021, arXiv:2002.09024) minimises, for each tra
 :func:`maxup_step` is the same step as a plain function, and :class:`MaxUpConfig` holds every option.
 """
 
-from lightning_maxup.batch import Shared
+from lightning_maxup.batch import Candidates, Shared
 from lightning_maxup.callback import MaxUp
 from lightning_maxup.config import MaxUpConfig
 from lightning_maxup.functional import MaxUpOutput, maxup_step
@@ -15,6 +15,7 @@ from lightning_maxup.monitor import SelectionMonitor
 from lightning_maxup.views import Downsample, PointSubset
 
 __all__ = [
+    "Candidates",
     "Downsample",
     "MaxUp",
     "MaxUpConfig",

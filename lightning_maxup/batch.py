@@ -64,6 +64,10 @@ class Shared:
         """Move the wrapped tensor, as ``Tensor.to`` does (Lightning's batch transfer calls this)."""
         return Shared(self.value.to(*args, **kwargs))
 
+    def pin_memory(self) -> Shared:
+        """Pin the wrapped tensor (``DataLoader(pin_memory=True)`` calls this)."""
+        return Shared(self.value.pin_memory())
+
     def __repr__(self) -> str:
         return f"Shared({self.value!r})"
 
@@ -336,6 +340,10 @@ class Candidates:
         """Move every tensor, as ``Tensor.to`` does (Lightning's batch transfer calls this)."""
         moved = apply_to_collection(self.batch, (Tensor, Shared), lambda t: t.to(*args, **kwargs))
         return Candidates(moved, self.m)
+
+    def pin_memory(self) -> Candidates:
+        """Pin every tensor (``DataLoader(pin_memory=True)`` calls this)."""
+        return Candidates(apply_to_collection(self.batch, (Tensor, Shared), lambda t: t.pin_memory()), self.m)
 
     def __repr__(self) -> str:
         return f"Candidates(m={self.m}, rows={batch_size(self.batch)})"

@@ -55,6 +55,7 @@ __all__ = [
     "gather_rows",
     "gradient_norm_estimate",
     "maxup_step",
+    "check_candidates",
     "check_per_sample",
     "raise_if_nonfinite",
     "select_copies",
@@ -533,14 +534,28 @@ def _premade(batch: Any, config: MaxUpConfig) -> Candidates | None:
     """``batch`` if it holds copies made already, checked against ``config``; else ``None``."""
     if not isinstance(batch, Candidates):
         return None
-    if config.augment is not None:
+    check_candidates(batch, config.augment, config.m, warmup=config.m == 1)
+    return batch
+
+
+def check_candidates(batch: Candidates, augment: Any, m: int, *, warmup: bool = False) -> None:
+    """Raise unless premade ``batch`` fits a step with ``augment`` and ``m`` copies (any count when ``warmup``).
+
+    ``warmup=True`` also accepts one copy per sample: a loader that makes no extra views while MaxUp is off.
+
+    Example:
+        >>> check_candidates(Candidates(torch.zeros(6, 2), m=3), None, m=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: The batch holds Candidates with 3 copies per sample, but the step runs `m`=2; make the loader's copies and `m` agree (MultiView(..., m=2))
+    """  # noqa: E501
+    if augment is not None:
         raise ValueError(
-            f"The batch holds Candidates made by the loader, but `augment` is {config.augment!r}: premade copies"
+            f"The batch holds Candidates made by the loader, but `augment` is {augment!r}: premade copies"
             " are scored as they are, so set `augment`=None (the loader's transform is the augmentation)"
         )
-    if config.m != 1 and batch.m != config.m:
+    if batch.m != m and not (warmup and (m == 1 or batch.m == 1)):
         raise ValueError(
-            f"The batch holds Candidates with {batch.m} copies per sample, but the step runs `m`={config.m}; make"
-            f" the loader's copies and `m` agree (MultiView(..., m={config.m}))"
+            f"The batch holds Candidates with {batch.m} copies per sample, but the step runs `m`={m}; make"
+            f" the loader's copies and `m` agree (MultiView(..., m={m}))"
         )
-    return batch

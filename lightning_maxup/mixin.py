@@ -23,6 +23,7 @@ from lightning_maxup.config import (
 from lightning_maxup.functional import (
     MaxUpOutput,
     augment_rows,
+    check_candidates,
     check_finite,
     check_per_sample,
     expand_copies,
@@ -392,7 +393,7 @@ class MaxUpMixin:
         cfg = self.maxup_config
         device = self.device  # type: ignore[attr-defined]
         if isinstance(batch, Candidates):
-            _check_candidates(batch, cfg)
+            check_candidates(batch, cfg.augment, cfg.m, warmup=True)
             candidates = batch.batch
         else:
             b = batch_size(batch)
@@ -424,7 +425,18 @@ class MaxUpMixin:
         check_per_sample(batch)
         self._maxup_agree_rows(batch)
         self.maxup_preflight(batch)
+        self._maxup_warn_unscheduled(batch, trainer)  # after the checks, whose errors say more
         self._maxup_prepared_for = key
+
+    def _maxup_warn_unscheduled(self, batch: Any, trainer: Any) -> None:
+        callbacks = getattr(trainer, "callbacks", None) or []
+        if isinstance(batch, Candidates) and not any(getattr(c, "sets_multiview_epochs", False) for c in callbacks):
+            self._maxup_warn_once(
+                "multiview",
+                "The batches hold loader-made Candidates but the Trainer has no MultiViewSchedule callback: a"
+                " MultiView dataset then makes epoch 0's views in every epoch, and m views during the warm-up; add"
+                " lightning_maxup.data.MultiViewSchedule() to the callbacks",
+            )
 
     @torch.compiler.disable
     def maxup_step(self, batch: Any) -> MaxUpOutput:
@@ -623,11 +635,3 @@ def _repeat_counts(index: Tensor) -> Tensor:
     starts[1:] = ordered[1:] != ordered[:-1]
     run_start = torch.where(starts, position, torch.zeros_like(position)).cummax(0).values
     return torch.empty_like(position).scatter_(0, order, position - run_start)
-
-
-def _check_candidates(batch: Candidates, cfg: MaxUpConfig) -> None:
-    if batch.m not in (1, cfg.m):  # one copy: a loader that makes no extra views during the warm-up
-        raise ValueError(
-            f"The batch holds Candidates with {batch.m} copies per sample, but the module's `m` is {cfg.m}; make"
-            f" the loader's copies and `m` agree (MultiView(..., m={cfg.m}))"
-        )

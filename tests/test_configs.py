@@ -73,6 +73,13 @@ B2 = [*FAKE, "--data.init_args.batch_size=2"]
 # Each run costs 2-3 s with one thread on a CPU, WRN-28-10 and the ImageNet networks 5-20 s.
 RECIPES = [
     pytest.param("digits.yaml", [], 4, id="digits"),
+    pytest.param(
+        "imagenet_multiview.yaml",
+        [*B2, "--model.init_args.backbone.init_args.weights=null"],
+        4,
+        id="imagenet-multiview",
+        marks=pytest.mark.slow,
+    ),
     pytest.param("cifar10_resnet110_cutout.yaml", B4, 4, id="cifar10-resnet110"),
     pytest.param("cifar100_resnet110_cutout.yaml", B4, 4, id="cifar100-resnet110"),
     pytest.param("cifar10_maxup_gauss.yaml", B4, 5, id="cifar10-gauss"),

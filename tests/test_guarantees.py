@@ -583,3 +583,18 @@ def test_finiteness_check_is_the_one_documented_sync_on_the_cpu() -> None:
     _trainer(max_epochs=1).fit(model)
     # On the CPU the deferred guard reads its count at once: one `_local_scalar_dense` per step, nothing else.
     assert all(ops == ["_local_scalar_dense"] for ops in model.syncs), model.syncs
+
+
+def test_readme_lists_the_public_api() -> None:
+    import re
+
+    import lightning_maxup
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- public-api:start -->(.*?)<!-- public-api:end -->", text, re.S)
+    assert block is not None, "README.md lost its public-API list"
+    listed = set(re.findall(r"`(\w+)`", block.group(1)))
+    assert listed == set(lightning_maxup.__all__), (
+        f"README lists {sorted(listed - set(lightning_maxup.__all__))} that are not exported and misses"
+        f" {sorted(set(lightning_maxup.__all__) - listed)}"
+    )
