@@ -9,7 +9,9 @@ MaxUp (Gong, Ren, Ye & Liu, CVPR 2021, arXiv:2002.09024) minimises, for each tra
 from lightning_maxup.batch import Candidates, Shared
 from lightning_maxup.callback import MaxUp
 from lightning_maxup.config import MaxUpConfig
+from lightning_maxup.fidelity import SelectionFidelity, WorstOfKValidation
 from lightning_maxup.functional import MaxUpOutput, maxup_step
+from lightning_maxup.metrics import WorstOfKAccuracy, worst_of_k_accuracy
 from lightning_maxup.mixin import MaxUpMixin
 from lightning_maxup.monitor import SelectionMonitor
 from lightning_maxup.views import Downsample, PointSubset
@@ -22,8 +24,12 @@ __all__ = [
     "MaxUpMixin",
     "MaxUpOutput",
     "PointSubset",
+    "SelectionFidelity",
     "SelectionMonitor",
     "Shared",
+    "WorstOfKAccuracy",
+    "WorstOfKValidation",
     "maxup_step",
+    "worst_of_k_accuracy",
 ]
 __version__ = "0.3.0"

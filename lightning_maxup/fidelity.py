@@ -1,0 +1,271 @@
+"""Callbacks that measure what MaxUp buys while a model trains: selection fidelity and worst-of-k accuracy.
+
+:class:`SelectionFidelity` checks, every few training steps, whether a cheap selection pass (a downsampled view,
+reduced precision) picks the copy the full input would have picked. :class:`WorstOfKValidation` logs the
+test-time counterpart of MaxUp's objective on the validation batches: the share of samples whose ``k`` augmented
+copies are all classified correctly (Engstrom et al., ICML 2019). The quantities themselves are plain tensor
+functions in :mod:`lightning_maxup.metrics`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_maxup._lightning import Callback, rank_zero_warn
+from lightning_maxup._state import preserved
+from lightning_maxup._validation import positive_float, positive_int
+from lightning_maxup.batch import split_inputs
+from lightning_maxup.config import MaxUpConfig
+from lightning_maxup.metrics import ViewFidelity, WorstOfKAccuracy, full_input_losses, view_fidelity
+from lightning_maxup.mixin import MaxUpMixin
+
+if TYPE_CHECKING:
+    from lightning_maxup._lightning import pl
+
+__all__ = ["SelectionFidelity", "WorstOfKValidation", "has_shortcut"]
+
+
+def has_shortcut(config: MaxUpConfig, trainer_precision: str = "32-true") -> bool:
+    """Whether the selection pass scores anything but the full input in float32.
+
+    A selection view (``selection_size``, ``selection_view``), a reduced ``selection_dtype`` or a mixed / half
+    precision Trainer (whose autocast the selection pass runs under) count; ``selection_memory_format`` alone
+    does not.
+
+    Example:
+        >>> has_shortcut(MaxUpConfig(m=4)), has_shortcut(MaxUpConfig(m=4, selection_size=16))
+        (False, True)
+        >>> has_shortcut(MaxUpConfig(m=4), "bf16-mixed")
+        True
+    """
+    reduced = config.dtype not in (None, torch.float32)
+    return config.view is not None or reduced or "16" in str(trainer_precision)
+
+
+class SelectionFidelity(Callback):
+    """Log how often MaxUp's cheap selection pass picks the copy the full input would, every ``every_n_steps``.
+
+    MaxUp (Gong et al., CVPR 2021) trains each sample on the worst of its ``m`` augmented copies, and may score
+    the copies on a cheap view (``selection_size``: downsampled images) or in reduced precision
+    (``selection_dtype``, a bf16/fp16 Trainer). On a checked step this callback sets the module's
+    ``maxup_record``, takes the step's candidates and selection losses from ``maxup_last_output``, scores the same
+    candidates on the full input in float32 without gradient (in ``maxup_config.selection_mode``, leaving the
+    model, its buffers, modes and the global random state exactly as they were), after the backward pass and before
+    the optimizer step, with the parameters and buffers (running statistics) the selection pass saw, and logs
+
+    - ``maxup/view_agreement``: share of samples whose view pick is the full input's worst copy;
+    - ``maxup/view_regret``: mean full-input loss of the true worst copy minus that of the view's pick (``>= 0``);
+    - ``maxup/view_chance``: ``1 / m``, the agreement of a random pick.
+
+    When agreement stays within ``warn_margin`` of chance on average over the last ``window`` checks, it warns
+    once: the view then selects nearly at random, and MaxUp degrades into averaging random copies.
+
+    With no shortcut (no view, full precision; see :func:`has_shortcut`) agreement is 1 and regret 0 by
+    construction, so the callback does nothing. Training is bit-identical with and without it: the extra pass
+    restores everything it touches, and the augmentation stream is not consumed. With ``selection_mode="train"``
+    and dropout, the full pass draws its own dropout masks, so agreement also measures that noise. Each rank
+    checks its own samples and logs its own values (no collective); under FSDP or DeepSpeed ZeRO-3, where every
+    forward is a collective, ranks with uneven batches would make different numbers of forwards, so do not use it
+    there.
+
+    On a checked step the module's ``maxup_record`` is turned on (unless something else, such as a
+    :class:`~lightning_maxup.SelectionMonitor`, turned it on already) and off again after the backward pass; the
+    step's output stays in ``maxup_last_output`` until the next step replaces it. Used together with a
+    ``SelectionMonitor``, list the monitor first: each restores the flag it found.
+
+    Cost: a checked step adds one float32 forward of the ``m * B`` candidates without gradient; the default
+    ``every_n_steps=200`` keeps that under 1 % of training time (see ``docs/fidelity.md`` for the measurement).
+
+    Args:
+        every_n_steps: Check at optimizer steps ``every_n_steps``, ``2 * every_n_steps``, ...
+        warn_margin: Warn when mean agreement over the window is below ``1/m + warn_margin``.
+        window: Number of recent checks the warning averages over.
+
+    Example:
+        >>> fidelity = SelectionFidelity(every_n_steps=50, warn_margin=0.05, window=5)
+        >>> fidelity.state_dict()
+        {'history': [], 'warned': False}
+        >>> SelectionFidelity(warn_margin=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `warn_margin` to be a positive finite number, got 0
+    """
+
+    def __init__(self, every_n_steps: int = 200, warn_margin: float = 0.05, window: int = 5) -> None:
+        self.every_n_steps = positive_int(every_n_steps, "every_n_steps")
+        self.warn_margin = positive_float(warn_margin, "warn_margin")
+        self.window = positive_int(window, "window")
+        self.history: deque[tuple[float, float]] = deque(maxlen=self.window)
+        self.warned = False
+        #: The last check's result (``None`` before the first check).
+        self.last: ViewFidelity | None = None
+        self._checking = False  # this step is checked
+        self._restore = False  # this callback turned the module's maxup_record on and turns it off again
+        self._buffers: list[Tensor] = []  # the module's buffers when the checked step's selection pass ran
+        self._last_step = -1
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, MaxUpMixin):
+            raise TypeError(
+                "The SelectionFidelity callback needs a LightningModule that subclasses MaxUpMixin, got"
+                f" {type(pl_module).__name__}"
+            )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if (step + 1) % self.every_n_steps or step == self._last_step:
+            return
+        assert isinstance(pl_module, MaxUpMixin)
+        if pl_module.maxup_active_m > 1 and has_shortcut(pl_module.maxup_config, str(trainer.precision)):
+            self._last_step = step
+            self._checking = True
+            # The gradient forward updates running statistics after the selection pass: score with these.
+            self._buffers = [b.detach().clone() for b in pl_module.buffers()]
+            if not pl_module.maxup_record:  # another callback may have asked for this step's output already
+                self._restore = True
+                pl_module.maxup_record = True
+
+    def _disarm(self, module: MaxUpMixin) -> None:
+        if self._restore:
+            module.maxup_record = False
+        self._checking = self._restore = False
+        self._buffers = []
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._checking:
+            return
+        assert isinstance(pl_module, MaxUpMixin)
+        out, buffers = pl_module.maxup_last_output, self._buffers
+        self._disarm(pl_module)
+        if out is None or out.m < 2 or out.candidates is None:
+            return
+        config = pl_module.maxup_config
+        with preserved(pl_module, config.selection_mode), torch.no_grad():  # type: ignore[arg-type]
+            for buffer, saved in zip(pl_module.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+            full = full_input_losses(pl_module.per_sample_loss, out.candidates, config, model=pl_module)  # type: ignore[arg-type]
+        fid = view_fidelity(out.candidate_losses, full.view(out.m, -1))
+        self.last = fid
+        b = int(out.candidate_losses.shape[1])
+        for name, value in (("agreement", fid.agreement), ("regret", fid.regret), ("chance", fid.chance)):
+            pl_module.log(f"maxup/view_{name}", value, on_step=True, on_epoch=False, batch_size=b)
+        self._observe(float(fid.agreement), fid.chance, out.m)
+
+    def _observe(self, agreement: float, chance: float, m: int) -> None:
+        self.history.append((agreement, chance))
+        if self.warned or len(self.history) < self.window:
+            return
+        mean = sum(a for a, _ in self.history) / len(self.history)
+        if mean < chance + self.warn_margin:
+            self.warned = True
+            rank_zero_warn(
+                f"MaxUp's selection view agrees with the full input on {mean:.1%} of samples over the last"
+                f" {len(self.history)} checks, within {self.warn_margin:.0%} of chance (1/m = {chance:.1%} at m={m}):"
+                " the view picks nearly at random; select on a larger `selection_size` or without the view"
+            )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._checking:  # the step never reached a backward pass (e.g. a custom training_step)
+            assert isinstance(pl_module, MaxUpMixin)
+            self._disarm(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(pl_module, MaxUpMixin):
+            self._disarm(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(h) for h in self.history], "warned": self.warned}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = deque(((float(a), float(c)) for a, c in state_dict.get("history", [])), maxlen=self.window)
+        self.warned = bool(state_dict.get("warned", False))
+
+
+class WorstOfKValidation(Callback):
+    """Log ``val/worst_of_{k}_acc``: the share of validation samples whose ``k`` augmented copies all pass.
+
+    The evaluation counterpart of MaxUp's training objective (Engstrom et al., "Exploring the landscape of
+    spatial robustness", ICML 2019: worst-of-10). On every validation batch it splits the batch into inputs and
+    targets, classifies ``k`` augmented copies of each sample with ``predict`` (default: the module's forward,
+    in the validation loop's eval mode and without gradient) and updates a :class:`~lightning_maxup.metrics.\
+WorstOfKAccuracy`, computed (summed over ranks) and reset at the end of the epoch. The draws are
+    keyed by ``seed`` and the batch's position in the epoch, so every validation epoch (and a rerun) draws the
+    same copies; only the model changes between epochs. Several validation dataloaders count as one set.
+
+    Args:
+        augment: ``augment(batch, generator=...) -> batch``, called on the expanded ``(inputs, target)`` pair.
+        k: Augmented copies per sample.
+        seed: Base seed of the draws.
+        predict: ``predict(pl_module, x) -> logits``; default ``pl_module(x)``.
+        chunk_size: Rows per forward (default: all ``k * B`` at once).
+
+    Example:
+        >>> from lightning_maxup.augment import RandomCrop
+        >>> callback = WorstOfKValidation(RandomCrop(8, padding=1), k=10)
+        >>> callback.name
+        'val/worst_of_10_acc'
+    """
+
+    def __init__(
+        self,
+        augment: Callable[..., Any],
+        k: int = 10,
+        seed: int = 0,
+        predict: Callable[[Any, Tensor], Tensor] | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.metric = WorstOfKAccuracy(augment, k=k, seed=seed, chunk_size=chunk_size)
+        if predict is not None and not callable(predict):
+            raise TypeError(f"Expected `predict` to be callable as predict(pl_module, x) or None, got {predict!r}")
+        self.predict = predict
+        self.name = f"val/worst_of_{self.metric.k}_acc"
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.metric = self.metric.to(pl_module.device)
+        self.metric.reset()
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        x, y = split_inputs(batch)
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} needs validation batches with targets, got {type(batch).__name__} without one"
+            )
+        predict = self.predict
+        if predict is None:
+            self.metric.update(pl_module, x, y)
+        else:
+            self.metric.update(lambda inputs: predict(pl_module, inputs), x, y)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.metric.num_updates:
+            value = self.metric.compute()  # summed over ranks by torchmetrics: every rank logs the same value
+            pl_module.log(self.name, value, on_step=False, on_epoch=True, sync_dist=False)
+        self.metric.reset()

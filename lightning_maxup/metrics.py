@@ -1,0 +1,418 @@
+"""Worst-of-k evaluation: the test-time counterpart of MaxUp's objective.
+
+MaxUp (Gong et al., CVPR 2021) minimises each sample's worst loss over ``m`` random augmentations. The matching
+evaluation asks, for each test sample, whether the model survives ``k`` random augmentations of it: a sample
+counts as correct only when *all* ``k`` augmented copies are classified correctly. Engstrom et al., "Exploring the
+landscape of spatial robustness" (ICML 2019) report it as "worst-of-10" accuracy over random rotations and
+translations; AugMax (Wang et al., NeurIPS 2021) validates on the same worst-of-k quantity.
+
+The ``k`` copies are built exactly as the MaxUp step builds its candidates: the batch is expanded copy-major
+(row ``j * B + i`` is copy ``j`` of sample ``i``, :func:`~lightning_maxup.batch.expand_copies`) and the
+augmentation is called once on all ``k * B`` rows as ``augment(batch, generator=...)``. Everything runs without
+gradient.
+
+:func:`worst_of_k_accuracy` and :func:`worst_of_k_loss` are plain functions of tensors (no Lightning);
+:class:`WorstOfKAccuracy` is the torchmetrics ``Metric`` around :func:`worst_of_k_correct`, summed over batches
+and reduced over DDP ranks.
+
+The second part measures whether a cheap selection pass picks what the full one would. MaxUp may score its
+candidates on a view (``selection_size``: downsampled images) or in reduced precision (``selection_dtype``) to
+save time; :func:`full_input_losses` scores the same candidates on the full input in float32 and
+:func:`view_fidelity` compares the two picks. :class:`~lightning_maxup.fidelity.SelectionFidelity` logs them
+during training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
+
+from lightning_maxup._validation import callable_or_none, optional_positive_int, positive_int
+from lightning_maxup.batch import batch_size, expand_copies, slice_rows, tensor_leaves, unwrap_shared
+from lightning_maxup.config import MaxUpConfig
+from lightning_maxup.functional import augment_rows, check_losses, chunk_bounds, selection_losses
+from lightning_maxup.random import Generator, KeyedGenerator
+
+__all__ = [
+    "ViewFidelity",
+    "WorstOfKAccuracy",
+    "copy_keys",
+    "full_input_losses",
+    "view_fidelity",
+    "worst_of_k_accuracy",
+    "worst_of_k_correct",
+    "worst_of_k_loss",
+    "worst_of_k_losses",
+]
+
+Predict = Callable[[Tensor], Tensor]
+LossFn = Callable[[Any], Tensor]
+Augment = Callable[..., Any]
+
+
+def _check_k(k: Any) -> int:
+    return positive_int(k, "k")
+
+
+def _check_callable(fn: Any, name: str) -> None:
+    if fn is None:
+        raise TypeError(f"Expected `{name}` to be callable, got None")
+    callable_or_none(fn, name)
+
+
+def _check_chunk_size(chunk_size: Any) -> None:
+    optional_positive_int(chunk_size, "chunk_size")
+
+
+def copy_keys(rows: Tensor, k: int) -> Tensor:
+    """Keys ``[k * B, 2]`` of the copy-major expanded batch: ``(row key, copy index)`` for row ``j * B + i``.
+
+    Give them, with a seed, to a :class:`~lightning_maxup.random.KeyedGenerator`: copy ``j`` of a sample then
+    draws the same augmentation whatever ``k`` is, so worst-of-``k`` and worst-of-``k + 1`` see nested copies.
+
+    Args:
+        rows: Integer keys ``[B]`` of the samples (e.g. dataset indices).
+        k: Number of copies per sample.
+
+    Example:
+        >>> copy_keys(torch.tensor([7, 9]), 2).tolist()
+        [[7, 0], [9, 0], [7, 1], [9, 1]]
+    """
+    rows = rows.to(torch.int64).flatten()
+    copy = torch.arange(_check_k(k), device=rows.device, dtype=torch.int64).repeat_interleave(rows.shape[0])
+    return torch.stack([rows.repeat(k), copy], dim=1)
+
+
+def _augmented_copies(batch: Any, augment: Augment, k: int, generator: Generator | None) -> Any:
+    b = batch_size(batch)
+    return augment_rows(augment, expand_copies(batch, k), k * b, generator, k)
+
+
+def worst_of_k_correct(
+    predict: Predict,
+    batch_x: Tensor,
+    target: Tensor,
+    augment: Augment,
+    k: int,
+    *,
+    generator: Generator | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per sample, whether all ``k`` augmented copies are classified correctly (a bool tensor ``[B]``).
+
+    The augmentation receives the expanded ``(inputs, target)`` pair, as in training, so label-aware
+    augmentations run unchanged; each copy is judged against the sample's original ``target``. Label-mixing
+    augmentations (Mixup, CutMix) have no single correct class: use :func:`worst_of_k_loss` for them.
+
+    Args:
+        predict: Maps inputs ``[rows, ...]`` to logits ``[rows, C]``.
+        batch_x: Inputs ``[B, ...]``.
+        target: Class indices ``[B]``.
+        augment: ``augment(batch, generator=...) -> batch``, called once on the ``k * B`` copy-major rows.
+        k: Augmented copies per sample (``k >= 1``).
+        generator: Source of the augmentation's randomness (a ``KeyedGenerator`` must serve ``k * B`` rows).
+        chunk_size: Rows per forward of ``predict`` (default: all ``k * B`` at once).
+
+    Example:
+        >>> from lightning_maxup.augment import GaussianNoise
+        >>> net = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> ok = worst_of_k_correct(net, x, y, GaussianNoise(0.1), k=5, generator=torch.Generator().manual_seed(0))
+        >>> ok.shape, ok.dtype
+        (torch.Size([8]), torch.bool)
+    """
+    k = _check_k(k)
+    _check_callable(predict, "predict")
+    _check_callable(augment, "augment")
+    _check_chunk_size(chunk_size)
+    b = int(batch_x.shape[0])
+    if target.shape[:1] != batch_x.shape[:1]:
+        raise ValueError(
+            f"Expected `target` to hold one class per sample (shape [{b}]), got shape {list(target.shape)}"
+        )
+    with torch.no_grad():
+        copies = _augmented_copies((batch_x, target), augment, k, generator)
+        x = copies[0] if isinstance(copies, (tuple, list)) else copies
+        labels = target.repeat(k)
+        hits = []
+        for lo, hi in chunk_bounds(k * b, chunk_size):
+            logits = predict(x if hi - lo >= k * b else x[lo:hi])
+            hits.append(logits.argmax(dim=-1) == labels[lo:hi].to(logits.device))
+        per_copy = hits[0] if len(hits) == 1 else torch.cat(hits)
+    return per_copy.view(k, b).all(dim=0)
+
+
+def worst_of_k_accuracy(
+    predict: Predict,
+    batch_x: Tensor,
+    target: Tensor,
+    augment: Augment,
+    k: int,
+    *,
+    generator: Generator | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Share of samples whose ``k`` augmented copies are all classified correctly (a float scalar).
+
+    Arguments as :func:`worst_of_k_correct`. With ``k = 1`` and the identity augmentation it is plain accuracy;
+    on nested draws (a ``KeyedGenerator`` over :func:`copy_keys`) it never increases with ``k``.
+
+    Example:
+        >>> from lightning_maxup.augment import GaussianNoise
+        >>> net = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> acc = worst_of_k_accuracy(net, x, y, GaussianNoise(0.1), k=10, generator=torch.Generator().manual_seed(0))
+        >>> 0.0 <= float(acc) <= 1.0
+        True
+    """
+    ok = worst_of_k_correct(predict, batch_x, target, augment, k, generator=generator, chunk_size=chunk_size)
+    return ok.float().mean()
+
+
+def worst_of_k_losses(
+    loss_fn: LossFn,
+    batch: Any,
+    augment: Augment,
+    k: int,
+    *,
+    generator: Generator | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-sample losses ``[k, B]`` of ``k`` augmented copies, without gradient (copy ``j`` in row ``j``).
+
+    Args:
+        loss_fn: Maps a batch to a 1-D tensor of per-sample losses (``reduction="none"``), as in MaxUp.
+        batch: A tensor or a (nested) tuple/list/dict of tensors whose first dimension is the batch.
+        augment: ``augment(batch, generator=...) -> batch``, called once on the ``k * B`` copy-major rows.
+        k: Augmented copies per sample (``k >= 1``).
+        generator: Source of the augmentation's randomness.
+        chunk_size: Rows per call of ``loss_fn`` (default: all ``k * B`` at once).
+
+    Example:
+        >>> from lightning_maxup.augment import GaussianNoise
+        >>> net = torch.nn.Linear(4, 1)
+        >>> loss_fn = lambda b: (net(b[0]).squeeze(1) - b[1]) ** 2
+        >>> worst_of_k_losses(loss_fn, (torch.randn(5, 4), torch.randn(5)), GaussianNoise(0.1), k=3).shape
+        torch.Size([3, 5])
+    """
+    k = _check_k(k)
+    _check_callable(loss_fn, "loss_fn")
+    _check_callable(augment, "augment")
+    _check_chunk_size(chunk_size)
+    b = batch_size(batch)
+    name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+    with torch.no_grad():
+        copies = _augmented_copies(batch, augment, k, generator)
+        parts = []
+        for lo, hi in chunk_bounds(k * b, chunk_size):
+            chunk = copies if hi - lo >= k * b else slice_rows(copies, lo, hi)
+            parts.append(check_losses(loss_fn(unwrap_shared(chunk)), hi - lo, name).float())
+        losses = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return losses.view(k, b)
+
+
+def worst_of_k_loss(
+    loss_fn: LossFn,
+    batch: Any,
+    augment: Augment,
+    k: int,
+    *,
+    generator: Generator | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Mean over samples of the largest loss over ``k`` augmented copies: MaxUp's objective, evaluated.
+
+    Arguments as :func:`worst_of_k_losses`.
+
+    Example:
+        >>> from lightning_maxup.augment import GaussianNoise
+        >>> net = torch.nn.Linear(4, 1)
+        >>> loss_fn = lambda b: (net(b[0]).squeeze(1) - b[1]) ** 2
+        >>> batch = (torch.randn(5, 4), torch.randn(5))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> bool(worst_of_k_loss(loss_fn, batch, GaussianNoise(0.1), k=4, generator=g) >= 0)
+        True
+    """
+    losses = worst_of_k_losses(loss_fn, batch, augment, k, generator=generator, chunk_size=chunk_size)
+    return losses.amax(dim=0).mean()
+
+
+class WorstOfKAccuracy(Metric):
+    """Worst-of-k accuracy accumulated over batches and summed over DDP ranks.
+
+    Each :meth:`update` draws the ``k`` copies from a :class:`~lightning_maxup.random.KeyedGenerator` seeded
+    with ``seed``, keyed per row by ``(update number, row in the batch, copy index)``, or by
+    ``(index, copy index)`` when ``update`` is given the samples' dataset ``index``. So an evaluation *replays*:
+    after :meth:`reset`, the same model fed the same batches in the same order draws the very same copies and
+    gives the same value, on any device and whatever else used the global random state. With ``index`` the draws
+    also do not depend on the batch size, the order, or how samples are split across ranks. Copy ``j`` draws the
+    same augmentation whatever ``k`` is, so metrics with larger ``k`` see a superset of the copies.
+
+    Without ``index``, ranks that are at the same update draw the same augmentation for the same row of their
+    (different) batches; every sample still gets independent draws over its copies.
+
+    Args:
+        augment: ``augment(batch, generator=...) -> batch``; it receives the expanded ``(inputs, target)`` pair.
+        k: Augmented copies per sample (Engstrom et al. use 10).
+        seed: Base seed of the copies' draws.
+        chunk_size: Rows per forward of ``predict`` (default: all ``k * B`` at once).
+        **kwargs: Passed to ``torchmetrics.Metric`` (e.g. ``dist_sync_fn``).
+
+    Example:
+        >>> from lightning_maxup.augment import GaussianNoise
+        >>> net = torch.nn.Linear(4, 3)
+        >>> metric = WorstOfKAccuracy(GaussianNoise(0.1), k=10)
+        >>> for _ in range(3):
+        ...     metric.update(net, torch.randn(8, 4), torch.randint(0, 3, (8,)))
+        >>> 0.0 <= float(metric.compute()) <= 1.0
+        True
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    correct: Tensor
+    total: Tensor
+
+    def __init__(
+        self, augment: Augment, k: int = 10, seed: int = 0, chunk_size: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        _check_callable(augment, "augment")
+        self.k = _check_k(k)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"Expected `seed` to be an integer, got {seed!r}")
+        _check_chunk_size(chunk_size)
+        self.augment = augment
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.num_updates = 0
+        self._batch_correct = torch.zeros(0, dtype=torch.bool)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def generator(self, batch_x: Tensor, index: Tensor | None = None) -> KeyedGenerator:
+        """The keyed stream of the next :meth:`update` on ``batch_x`` (does not advance the update count)."""
+        b, device = int(batch_x.shape[0]), batch_x.device
+        if index is None:
+            rows = torch.arange(b, device=device, dtype=torch.int64)
+            keys = torch.cat([torch.full((self.k * b, 1), self.num_updates, device=device), copy_keys(rows, self.k)], 1)
+        else:
+            rows = index.to(device=device, dtype=torch.int64)
+            keys = torch.cat([torch.full((self.k * b, 1), -1, device=device), copy_keys(rows, self.k)], 1)
+        return KeyedGenerator(self.seed, keys)
+
+    def update(self, predict: Predict, batch_x: Tensor, target: Tensor, index: Tensor | None = None) -> None:
+        """Classify ``k`` augmented copies of each sample of ``batch_x`` with ``predict`` and count the survivors.
+
+        Args:
+            predict: Maps inputs to logits ``[rows, C]``; called without gradient.
+            batch_x: Inputs ``[B, ...]``.
+            target: Class indices ``[B]``.
+            index: Optional dataset indices ``[B]`` keying the draws per sample (see the class docstring).
+        """
+        generator = self.generator(batch_x, index)
+        self.num_updates += 1
+        ok = worst_of_k_correct(
+            predict, batch_x, target, self.augment, self.k, generator=generator, chunk_size=self.chunk_size
+        )
+        self.correct += ok.sum()
+        self.total += ok.numel()
+        self._batch_correct = ok
+
+    def forward(self, predict: Predict, batch_x: Tensor, target: Tensor, index: Tensor | None = None) -> Tensor:
+        """Update with this batch and return the batch's own worst-of-k accuracy.
+
+        Unlike ``Metric.forward``, the batch is evaluated once: torchmetrics' default would reset the draws' update
+        count or draw every copy twice. ``dist_sync_on_step`` has no effect.
+        """
+        if self._is_synced:
+            raise TorchMetricsUserError("The Metric shouldn't be synced when performing ``forward``; call ``unsync``")
+        self.update(predict, batch_x, target, index)
+        value = self._batch_correct.float().mean()
+        self._forward_cache = value  # type: ignore[assignment]  # what Lightning logs on_step
+        return value
+
+    def compute(self) -> Tensor:
+        """Share of the samples seen whose ``k`` copies were all classified correctly."""
+        return self.correct.float() / self.total.clamp(min=1)
+
+    def reset(self) -> None:
+        """Clear the counts and restart the draws, so the next evaluation replays the last one."""
+        super().reset()
+        self.num_updates = 0
+
+
+@dataclass(frozen=True)
+class ViewFidelity:
+    """How well the selection view's pick matches the full input's (see :func:`view_fidelity`).
+
+    Attributes:
+        agreement: Share of samples whose view pick is the full input's worst copy.
+        regret: Mean over samples of the full-input loss of the full input's worst copy minus that of the view's
+            pick (never negative; 0 when they agree).
+        chance: ``1 / m``, the agreement of a pick made at random.
+    """
+
+    agreement: Tensor
+    regret: Tensor
+    chance: float
+
+
+def view_fidelity(view_losses: Tensor, full_losses: Tensor) -> ViewFidelity:
+    """Compare the per-sample arg-max of the view's candidate losses ``[m, B]`` with that of the full input's.
+
+    The view's pick is the arg-max of ``view_losses`` (the copy MaxUp trains on, or, with a selection
+    temperature, the copy it would train on at ``τ -> 0``); ties go to the lowest copy index, as in
+    :func:`~lightning_maxup.functional.select_worst`. Agreement counts a pick as right when its full-input loss
+    equals the full-input maximum, so exact ties in ``full_losses`` count as agreement.
+
+    Example:
+        >>> view = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # m = 2 copies of B = 2 samples
+        >>> full = torch.tensor([[3.0, 0.0], [1.0, 2.0]])
+        >>> f = view_fidelity(view, full)
+        >>> float(f.agreement), float(f.regret), f.chance
+        (1.0, 0.0, 0.5)
+        >>> f = view_fidelity(view, full.flip(0))  # the view now picks each sample's best copy
+        >>> float(f.agreement), float(f.regret)
+        (0.0, 2.0)
+    """
+    if view_losses.dim() != 2 or view_losses.shape != full_losses.shape:
+        raise ValueError(
+            "Expected `view_losses` and `full_losses` of the same shape [m, B], got"
+            f" {list(view_losses.shape)} and {list(full_losses.shape)}"
+        )
+    full = full_losses.float()
+    pick = view_losses.argmax(dim=0, keepdim=True).to(full.device)
+    picked = full.gather(0, pick)[0]
+    worst = full.amax(dim=0)
+    return ViewFidelity((picked >= worst).float().mean(), (worst - picked).mean(), 1.0 / int(full.shape[0]))
+
+
+def full_input_losses(
+    loss_fn: LossFn, candidates: Any, config: MaxUpConfig, *, model: nn.Module | None = None
+) -> Tensor:
+    """Losses ``[m * B]`` of MaxUp's candidates on the full input in float32, without gradient.
+
+    The selection pass of ``config`` with its view, reduced precision and memory format removed (and any
+    surrounding autocast switched off): what the selection would have scored without its shortcuts. It runs in
+    ``config.selection_mode`` and in ``config.chunk_size`` rows, and leaves ``model`` exactly as it was.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> cfg = MaxUpConfig(m=3, selection_dtype="bfloat16")
+        >>> full_input_losses(lambda b: net(b).squeeze(1), torch.zeros(6, 2), cfg, model=net).dtype
+        torch.float32
+    """
+    full = config.replace(selection_size=None, selection_view=None, selection_dtype=None, selection_memory_format=None)
+    leaves = tensor_leaves(candidates)
+    device_type = leaves[0].device.type if leaves else "cpu"
+    with torch.autocast(device_type, enabled=False):
+        return selection_losses(loss_fn, candidates, full, model=model)
