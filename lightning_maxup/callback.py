@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
@@ -102,6 +103,11 @@ class MaxUp(Callback):
         self._saved = None
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown after an exception: restore the module's options here.
+        self.teardown(trainer, pl_module, "fit")
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._skip_warmup:
             rank_zero_info("MaxUp: `fast_dev_run` skips the warm-up, so the dev run exercises MaxUp steps")
@@ -157,5 +163,12 @@ class MaxUp(Callback):
 
 
 def _plain(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Overrides as checkpoint-safe values (callables by their repr)."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in overrides.items()}
+    """Overrides as checkpoint-safe values: functions by their qualified name, other objects by their repr."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else _name_of(v) for k, v in overrides.items()}
+
+
+def _name_of(value: Any) -> str:
+    """A name that is the same in every process (a function's ``repr`` holds its address)."""
+    if isinstance(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)

@@ -21,7 +21,7 @@ _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 _USAGE = """usage: lightning-maxup {demo,fit,validate,test,predict,certify,certify-table} ...
        lightning-maxup --version
 
-  demo           ordinary augmentation vs MaxUp on the bundled digits (no download)
+  demo           where MaxUp helps and where it hurts, on the bundled digits (no download)
   fit ...        LightningCLI: train from a YAML config (lightning-maxup fit --config CONFIG)
   validate, test, predict
                  LightningCLI's other subcommands

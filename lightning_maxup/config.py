@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_maxup._serialization import allow_in_checkpoints
 from lightning_maxup._validation import (
     callable_or_none,
     one_of,
@@ -167,6 +168,9 @@ class MaxUpConfig:
     def memory_format(self) -> torch.memory_format | None:
         """``selection_memory_format`` as a ``torch.memory_format``."""
         return None if self.selection_memory_format is None else _FORMATS[self.selection_memory_format]
+
+
+allow_in_checkpoints(MaxUpConfig)
 
 
 def option_names() -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast, overload
 
@@ -89,9 +90,12 @@ class _FiniteGuard:
     """Raise on non-finite losses without a host sync per step on accelerators.
 
     On the CPU the count is checked at once. On an accelerator the count is copied to the host asynchronously
-    and an event recorded; the check happens at a later step, once the event has completed (``query()`` never
-    blocks), so the error comes one or two steps late instead of costing a sync every step.
+    and an event recorded; it is read ``lag`` steps later, waiting on that event, which has long completed by
+    then (the device runs at most a step or two behind the host), so the check costs no stall and every rank
+    raises at the same step. :meth:`flush` reads what is left (the mixin calls it when training ends).
     """
+
+    lag = 2
 
     def __init__(self) -> None:
         self._pending: list[tuple[Tensor, Any, int, str]] = []
@@ -101,7 +105,6 @@ class _FiniteGuard:
         if losses.device.type == "cpu":
             check_finite(losses, what)
             return
-        self.poll()
         bad = (~torch.isfinite(losses)).sum()
         host = torch.empty((), dtype=bad.dtype, pin_memory=losses.device.type == "cuda")
         host.copy_(bad, non_blocking=True)
@@ -109,16 +112,20 @@ class _FiniteGuard:
         if event is not None:
             event.record()
         self._pending.append((host, event, losses.numel(), what))
+        while len(self._pending) > self.lag:
+            self._read(*self._pending.pop(0))
 
-    def poll(self) -> None:
-        """Check the counts whose copies have reached the host."""
-        waiting = []
-        for host, event, total, what in self._pending:
-            if event is not None and not event.query():
-                waiting.append((host, event, total, what))
-                continue
-            raise_if_nonfinite(int(host), total, what)
-        self._pending = waiting
+    def flush(self) -> None:
+        """Read every pending count (at the end of training: one wait, not one per step)."""
+        pending, self._pending = self._pending, []
+        for entry in pending:
+            self._read(*entry)
+
+    @staticmethod
+    def _read(host: Tensor, event: Any, total: int, what: str) -> None:
+        if event is not None:
+            event.synchronize()
+        raise_if_nonfinite(int(host), total, what)
 
 
 class _Option(Generic[T]):
@@ -259,7 +266,7 @@ class MaxUpMixin:
         self.maxup_selecting = False
         self._maxup_draws = 0
         self._maxup_agreed_rows = 0
-        self._maxup_prepared_for: tuple[int | None] | None = None  # (id of the Trainer,) once prepared
+        self._maxup_prepared_for: tuple[Any] | None = None  # (weak reference to the Trainer or None,) once prepared
         self._maxup_warned: set[str] = set()
         self._maxup_generator: torch.Generator | None = None
         self._maxup_clock = _StepClock()
@@ -334,8 +341,13 @@ class MaxUpMixin:
         ``(epoch, step, sample index, occurrence, k)``, where ``occurrence`` counts earlier rows of the batch with
         the same index, so a repeated index draws copies of its own.
         """
-        index = torch.as_tensor(self.maxup_sample_index(batch)).to(device=device, dtype=torch.int64).flatten()
-        b = int(index.shape[0])
+        index = torch.as_tensor(self.maxup_sample_index(batch)).to(device=device, dtype=torch.int64)
+        b = batch_size(batch)
+        if index.dim() != 1 or index.shape[0] != b:
+            raise ValueError(
+                f"Expected `maxup_sample_index(batch)` to return one dataset index per sample (shape [{b}]), got"
+                f" shape {list(index.shape)}"
+            )
         trainer = self._maxup_trainer()
         epoch = int(trainer.current_epoch) if trainer is not None else 0
         copy = torch.arange(m, device=device, dtype=torch.int64).repeat_interleave(b)
@@ -412,9 +424,10 @@ class MaxUpMixin:
     def _maxup_prepare(self, batch: Any) -> None:
         """Once per Trainer, at its first step: the seed of rank 0, the agreed chunk count, the pre-flight check."""
         trainer = self._maxup_trainer()
-        key = (id(trainer) if trainer is not None else None,)
-        if self._maxup_prepared_for == key:
+        prepared = self._maxup_prepared_for
+        if prepared is not None and (prepared[0]() if prepared[0] is not None else None) is trainer:
             return
+        key = (weakref.ref(trainer) if trainer is not None else None,)
         if type(self).per_sample_loss is MaxUpMixin.per_sample_loss:
             raise NotImplementedError(
                 f"{type(self).__name__} must implement `per_sample_loss(batch)` to use MaxUpMixin's step"
@@ -540,10 +553,12 @@ class MaxUpMixin:
         # A plain loop calling maxup_step has nothing to log to; a barebones Trainer refuses self.log.
         return trainer is not None and not getattr(trainer, "barebones", False)
 
-    def _maxup_log_value(self, name: str, value: Tensor | float, b: int, prog_bar: bool = False) -> None:
+    def _maxup_log_value(
+        self, name: str, value: Tensor | float, b: int, prog_bar: bool = False, sync_dist: bool = True
+    ) -> None:
         # The step value stays on this rank (no collective per step); the epoch value is reduced over ranks.
         self.log(f"maxup/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=b)
-        self.log(f"maxup/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
+        self.log(f"maxup/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=sync_dist, batch_size=b)
 
     def _maxup_log(self, out: MaxUpOutput, share: float | None) -> None:
         if not self._maxup_logging():
@@ -554,7 +569,9 @@ class MaxUpMixin:
         # (torch.tensor) is a synchronous host-to-device copy on CUDA.
         self.log("maxup/m", torch.full((), float(out.m), device=device), on_step=True, on_epoch=False, batch_size=b)
         if share is not None and out.m > 1:
-            self._maxup_log_value("selection_share", torch.full((), share, device=device), b)
+            # Timing is per rank and, on CUDA, known on some steps only: never a collective, which ranks that
+            # logged it on different steps would make out of step.
+            self._maxup_log_value("selection_share", torch.full((), share, device=device), b, sync_dist=False)
         if out.m == 1:
             return
         self._maxup_log_value("worst_loss", out.worst_candidate_loss, b)
@@ -575,23 +592,39 @@ class MaxUpMixin:
     def get_extra_state(self) -> Tensor:
         """The augmentation stream's seed and position and the agreed selection rows, saved in ``state_dict``.
 
-        One int64 CPU tensor ``[version, seed, draws, agreed rows]``, so every ``state_dict`` value stays a tensor
-        (code that clones a state dict, and distributed checkpoints, handle it like any other).
+        One int64 CPU tensor ``[version, seed resolved (0/1), seed, draws, agreed rows]``, so every ``state_dict``
+        value stays a tensor (code that clones a state dict, and distributed checkpoints, handle it like any
+        other). Saving does not resolve a seed that is still ``None``: ``seed_everything`` after a
+        ``state_dict()`` call still decides it.
         """
-        values = [_STATE_VERSION, self.maxup_resolved_seed(), self._maxup_draws, self._maxup_agreed_rows]
+        seed = self.maxup_config.seed
+        values = [_STATE_VERSION, int(seed is not None), seed or 0, self._maxup_draws, self._maxup_agreed_rows]
         return torch.tensor(values, dtype=torch.int64)
 
     def set_extra_state(self, state: Any) -> None:
         """Restore what :meth:`get_extra_state` saved; ``None`` (a checkpoint from before 0.3) restores nothing."""
         if isinstance(state, Tensor):
-            _, seed, draws, rows = (int(v) for v in state.tolist())
-            state = {"seed": seed, "draws": draws, "agreed_rows": rows}
+            values = [int(v) for v in state.tolist()] if state.dim() == 1 else []
+            if len(values) != 5 or values[0] != _STATE_VERSION:
+                raise ValueError(
+                    f"Expected the MaxUp `_extra_state` to be [version {_STATE_VERSION}, resolved, seed, draws, rows],"
+                    f" got {values or list(state.shape)}; was the checkpoint written by a newer lightning_maxup?"
+                )
+            _, resolved, seed, draws, rows = values
+            state = {"seed": seed if resolved else None, "draws": draws, "agreed_rows": rows}
         if not isinstance(state, dict):
             return
         if state.get("seed") is not None:
             self.maxup_config = self.maxup_config.replace(seed=int(state["seed"]))
         self._maxup_draws = int(state.get("draws") or 0)
         self._maxup_agreed_rows = int(state.get("agreed_rows") or state.get("nominal_rows") or 0)
+
+    def on_train_end(self) -> None:
+        """Read the non-finite counts still in flight from the last steps (accelerators only)."""
+        self._maxup_finite.flush()
+        parent = getattr(super(), "on_train_end", None)
+        if parent is not None:
+            parent()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Read the stream of a checkpoint written before 0.3 (``checkpoint["lightning_maxup"]``)."""
@@ -605,7 +638,7 @@ class MaxUpMixin:
 
 
 _DROPOUT_STREAM = 0x5E1EC7
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _LEGACY_CHECKPOINT_KEY = "lightning_maxup"
 _EXTRA_STATE_KEY = "_extra_state"
 

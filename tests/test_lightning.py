@@ -309,8 +309,8 @@ def test_checkpoint_holds_the_augmentation_stream(tmp_path):
     trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=True)
     trainer.fit(model, _loader())
     ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
-    version, seed, draws, _ = ckpt["state_dict"]["_extra_state"].tolist()
-    assert (version, seed, draws) == (1, 5, 6)
+    version, resolved, seed, draws, _ = ckpt["state_dict"]["_extra_state"].tolist()
+    assert (version, resolved, seed, draws) == (2, 1, 5, 6)
 
 
 class NoAugment(Lit):

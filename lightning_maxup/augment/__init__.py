@@ -5,6 +5,7 @@ independent set of parameters per row from a ``torch.Generator`` (or a
 :class:`~lightning_maxup.random.KeyedGenerator`) and never modify their input in place.
 """
 
+from lightning_maxup._serialization import allow_in_checkpoints
 from lightning_maxup.augment._base import Augmentation, Compose
 from lightning_maxup.augment.adapters import KorniaAdapter, TorchvisionAdapter
 from lightning_maxup.augment.image import (
@@ -25,6 +26,14 @@ from lightning_maxup.augment.pointcloud import (
 )
 from lightning_maxup.augment.randaugment import RandAugment
 from lightning_maxup.augment.text import WordEmbeddingDropout, embedding_scale
+from lightning_maxup.views import Downsample
+
+# Hyperparameters saved with save_hyperparameters() load under torch.load(weights_only=True), Lightning's default.
+allow_in_checkpoints(
+    Compose, CutMix, Cutout, GaussianNoise, Mixup, RandomCrop, RandomHorizontalFlip, RandAugment,
+    PointGaussianNoise, PointJitter, PointSubset, RandomPointRotation, RandomPointScale, WordEmbeddingDropout,
+    Downsample,
+)  # fmt: skip
 
 __all__ = [
     "Augmentation",
