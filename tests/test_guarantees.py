@@ -598,3 +598,89 @@ def test_readme_lists_the_public_api() -> None:
         f"README lists {sorted(listed - set(lightning_maxup.__all__))} that are not exported and misses"
         f" {sorted(set(lightning_maxup.__all__) - listed)}"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Review findings, each with the test that failed before its mend
+# ----------------------------------------------------------------------------------------------------------------------
+def test_state_dict_before_seed_everything_leaves_the_seed_to_it() -> None:
+    model = Net(m=2)
+    model.state_dict()  # e.g. saving the initial weights
+    pl.seed_everything(123, verbose=False)
+    try:
+        assert model.maxup_resolved_seed() == 123
+    finally:
+        import os
+
+        os.environ.pop("PL_GLOBAL_SEED", None)
+
+
+def test_extra_state_of_another_version_is_refused_by_name() -> None:
+    model = Net(m=2)
+    with pytest.raises(ValueError, match=r"MaxUp `_extra_state` to be \[version 2.*got \[99, 1, 5, 7, 8\]"):
+        model.set_extra_state(torch.tensor([99, 1, 5, 7, 8]))
+    with pytest.raises(ValueError, match=r"MaxUp `_extra_state`.*got \[2, 5, 7, 8\]"):
+        model.set_extra_state(torch.tensor([2, 5, 7, 8]))
+
+
+def test_an_exception_during_fit_restores_the_module_options() -> None:
+    class Failing(Net):
+        def per_sample_loss(self, batch: Any) -> Tensor:
+            if self.global_step == 2:
+                raise RuntimeError("boom")
+            return super().per_sample_loss(batch)
+
+    model = Failing(m=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        _trainer(max_epochs=3, callbacks=[MaxUp(warmup_epochs=2, m=5, chunk_size=4)]).fit(model)
+    assert (model.maxup_m, model.maxup_chunk_size, model.maxup_enabled) == (3, None, True)
+
+
+def test_sample_index_of_the_wrong_length_names_the_hook() -> None:
+    class Short(Indexed):
+        def maxup_sample_index(self, batch: Any) -> Tensor:
+            return batch[2][:3]
+
+    model = Short(m=2)
+    loader = DataLoader(TensorDataset(*_data().tensors, torch.arange(24)), batch_size=8)
+    with pytest.raises(ValueError, match=r"`maxup_sample_index\(batch\)` to return one dataset index per sample"):
+        _trainer(max_epochs=1).fit(model, loader)
+
+
+def _my_view(batch: Any) -> Any:
+    return batch
+
+
+def test_function_overrides_resume_without_a_settings_warning(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    callbacks = [MaxUp(warmup_epochs=0, selection_view=_my_view), ckpt]
+    _trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=callbacks).fit(Net(m=2))
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    saved = next(v for k, v in state.items() if k.startswith("MaxUp"))
+    assert saved["overrides"]["selection_view"] == f"{__name__}._my_view", saved
+    callbacks = [MaxUp(warmup_epochs=0, selection_view=_my_view), ModelCheckpoint(dirpath=tmp_path, save_top_k=0)]
+    trainer = _trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=callbacks)
+    trainer.fit(Net(m=2), ckpt_path=str(tmp_path / "last.ckpt"))  # a warning would fail the test
+
+
+class WithHyperparameters(Net):
+    def __init__(self, maxup: MaxUpConfig) -> None:
+        super().__init__(maxup=maxup)
+        self.save_hyperparameters()  # stores the MaxUpConfig and its augmentation in every checkpoint
+
+
+def _options() -> MaxUpConfig:
+    return MaxUpConfig(m=3, augment=Compose([RandomCrop(8, padding=1), Cutout(3)]), selection_size=4)
+
+
+def test_saved_hyperparameters_resume_under_weights_only(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    _trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(WithHyperparameters(_options()))
+    loaded = torch.load(tmp_path / "last.ckpt", weights_only=True)  # Lightning's default when it resumes
+    assert isinstance(loaded["hyper_parameters"]["maxup"], MaxUpConfig)
+    model = WithHyperparameters.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert model.maxup_m == 3
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer = _trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt])
+    trainer.fit(WithHyperparameters(_options()), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert trainer.global_step == 6
