@@ -41,13 +41,16 @@ T = TypeVar("T")
 
 
 class _StepClock:
-    """Share of the time between consecutive steps spent selecting, without waiting for the device.
+    """Share of the time between consecutive steps spent selecting, without stalling on the device.
 
     On the CPU the share is the previous step's selection seconds over the host time from its start to this
     step's start (backward, optimizer and data loading included). On CUDA, events are recorded at each step's
-    start and at the end of its selection; an interval is reported once its closing event has completed
-    (``query()`` never blocks), so a figure comes a step or more late instead of costing a sync.
+    start and at the end of its selection; a step's share is read ``lag`` selecting steps later, waiting on an
+    event the device passed long ago (it runs at most a step or two behind), so every rank reports on the same
+    steps (the epoch value is reduced over ranks) and no step waits for the device.
     """
+
+    lag = 2
 
     def __init__(self) -> None:
         self._start = 0.0
@@ -56,7 +59,7 @@ class _StepClock:
         self._closed: list[tuple[Any, Any, Any]] = []  # CUDA: (start, selected, next start), oldest first
 
     def tick(self, device: torch.device) -> float | None:
-        """Start a step; return a finished step's selection share, if one is known without waiting."""
+        """Start a step; return an earlier step's selection share, or ``None``."""
         if device.type != "cuda":
             now, selection = time.perf_counter(), self._selection
             total, self._start, self._selection = now - self._start, now, None
@@ -66,7 +69,12 @@ class _StepClock:
         if self._open is not None and self._open[1] is not None:
             self._closed.append((self._open[0], self._open[1], start))
         self._open = [start, None]
-        return self._poll()
+        if len(self._closed) <= self.lag:
+            return None
+        begin, selected, end = self._closed.pop(0)
+        end.synchronize()  # recorded `lag` steps ago: long done
+        total = begin.elapsed_time(end)
+        return begin.elapsed_time(selected) / total if total > 0 else None
 
     def selection_done(self, seconds: float) -> None:
         """Mark the end of this step's selection."""
@@ -76,14 +84,6 @@ class _StepClock:
         selected = torch.cuda.Event(enable_timing=True)
         selected.record()
         self._open[1] = selected
-
-    def _poll(self) -> float | None:
-        share = None
-        while self._closed and self._closed[0][2].query():
-            start, selected, end = self._closed.pop(0)
-            total = start.elapsed_time(end)
-            share = start.elapsed_time(selected) / total if total > 0 else None
-        return share
 
 
 class _FiniteGuard:
@@ -206,7 +206,7 @@ class MaxUpMixin:
     progress bar), and when ``m > 1``: ``worst_loss`` and ``mean_loss`` (both from the selection pass, so
     ``worst >= mean``), ``gap`` (their difference), ``grad_norm`` (Theorem 1's estimate of ``‖∇ₓL‖`` when
     ``augment`` is :class:`~lightning_maxup.augment.GaussianNoise`), ``selection_share`` (of the time between
-    steps, reported without waiting for the device) and ``m``.
+    steps, reported two steps late on CUDA rather than waiting for the device) and ``m``.
 
     **torch.compile.** ``trainer.fit(torch.compile(module))`` compiles ``forward`` and ``training_step``; the
     step's bookkeeping (:meth:`maxup_step`) runs outside the graph, so nothing in it is a guard and no step
@@ -553,12 +553,11 @@ class MaxUpMixin:
         # A plain loop calling maxup_step has nothing to log to; a barebones Trainer refuses self.log.
         return trainer is not None and not getattr(trainer, "barebones", False)
 
-    def _maxup_log_value(
-        self, name: str, value: Tensor | float, b: int, prog_bar: bool = False, sync_dist: bool = True
-    ) -> None:
-        # The step value stays on this rank (no collective per step); the epoch value is reduced over ranks.
+    def _maxup_log_value(self, name: str, value: Tensor | float, b: int, prog_bar: bool = False) -> None:
+        # The step value stays on this rank (no collective per step); the epoch value is reduced over ranks, so
+        # every rank logs the same names on the same steps.
         self.log(f"maxup/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=b)
-        self.log(f"maxup/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=sync_dist, batch_size=b)
+        self.log(f"maxup/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
 
     def _maxup_log(self, out: MaxUpOutput, share: float | None) -> None:
         if not self._maxup_logging():
@@ -569,9 +568,7 @@ class MaxUpMixin:
         # (torch.tensor) is a synchronous host-to-device copy on CUDA.
         self.log("maxup/m", torch.full((), float(out.m), device=device), on_step=True, on_epoch=False, batch_size=b)
         if share is not None and out.m > 1:
-            # Timing is per rank and, on CUDA, known on some steps only: never a collective, which ranks that
-            # logged it on different steps would make out of step.
-            self._maxup_log_value("selection_share", torch.full((), share, device=device), b, sync_dist=False)
+            self._maxup_log_value("selection_share", torch.full((), share, device=device), b)
         if out.m == 1:
             return
         self._maxup_log_value("worst_loss", out.worst_candidate_loss, b)

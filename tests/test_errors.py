@@ -72,8 +72,8 @@ def test_a_shape_error_without_selection_size_passes_through() -> None:
 
 
 class _FakeEvent:
-    """Stands in for ``torch.cuda.Event``: records a shared clock; ``query()`` is true once the device has reached
-    the recorded time (``_FakeEvent.done``); waiting on one fails the test, since the clock must never sync."""
+    """Stands in for ``torch.cuda.Event``: records a shared clock; ``synchronize()`` fails the test unless the
+    device has passed the event (``_FakeEvent.done``), since the clock must never stall on work in flight."""
 
     clock = 0.0
     done = 0.0
@@ -84,11 +84,9 @@ class _FakeEvent:
     def record(self) -> None:
         self.time = _FakeEvent.clock
 
-    def query(self) -> bool:
-        return self.time is not None and self.time <= _FakeEvent.done
-
     def synchronize(self) -> None:
-        raise AssertionError("the step clock waited for the device")
+        assert self.time is not None
+        assert self.time <= _FakeEvent.done, "the step clock waited for the device"
 
     def elapsed_time(self, end: _FakeEvent) -> float:
         if self.time is None or end.time is None:
@@ -96,21 +94,22 @@ class _FakeEvent:
         return end.time - self.time
 
 
-def test_cuda_step_clock_never_waits_and_reports_finished_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_step_clock_reports_at_a_fixed_lag_without_stalling(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     _FakeEvent.clock = _FakeEvent.done = 0.0
     clock, cuda = _StepClock(), torch.device("cuda")
     shares = []
-    # Each step: 1 time unit selecting, 3 for the rest. At step 3 the device lags: it has finished nothing new.
-    for step, lag in enumerate((0.0, 0.0, 0.0, 8.0, 0.0)):
-        _FakeEvent.done = _FakeEvent.clock - lag
+    # Each step: 1 time unit selecting, 3 for the rest; the device runs one step (4 units) behind the host.
+    for step in range(6):
+        _FakeEvent.done = _FakeEvent.clock - 4.0
         shares.append(clock.tick(cuda))
         if step != 1:  # step 1 runs no selection (a step that skips MaxUp): no share for it
             _FakeEvent.clock += 1.0
             clock.selection_done(0.1)
         _FakeEvent.clock += 3.0
-    # A step's share arrives with a later tick once its closing event has completed, never by waiting.
-    assert shares == [None, 0.25, None, None, 0.25], shares
+    # A step's share arrives once two later selecting steps have finished, on every rank alike: step 0's at
+    # tick 4 (steps 2 and 3 finished), step 2's at tick 5.
+    assert shares == [None, None, None, None, 0.25, 0.25], shares
 
 
 def test_cpu_step_clock_shares_the_interval_between_steps(monkeypatch: pytest.MonkeyPatch) -> None:
