@@ -24,6 +24,7 @@ from lightning_maxup.batch import Candidates, expand_copies
 from lightning_maxup.config import option_names
 from lightning_maxup.functional import check_per_sample, maxup_step
 from lightning_maxup.mixin import _Option, _repeat_counts
+from tests.trainer_options import quiet_trainer_options
 
 
 def _data(n: int = 24, seed: int = 0) -> TensorDataset:
@@ -32,19 +33,7 @@ def _data(n: int = 24, seed: int = 0) -> TensorDataset:
 
 
 def _trainer(tmp_path: Path | None = None, **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "max_epochs": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-        "devices": 1,
-    }
-    if tmp_path is not None:
-        options["default_root_dir"] = str(tmp_path)
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return pl.Trainer(**quiet_trainer_options(tmp_path, **kwargs))
 
 
 class Net(MaxUpMixin, pl.LightningModule):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import Compose, Cutout, GaussianNoise, RandomCrop
 from lightning_maxup.random import mix_seed
+from tests.trainer_options import quiet_trainer_options
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*isinstance.*LeafSpec.*")
@@ -72,19 +73,7 @@ def _loader(n: int = 48, batch_size: int = 8) -> DataLoader:
 
 
 def _trainer(tmp_path: Path | None = None, **kwargs) -> pl.Trainer:
-    defaults = {
-        "max_epochs": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-        "devices": 1,
-    }
-    if tmp_path is not None:
-        defaults["default_root_dir"] = str(tmp_path)
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return pl.Trainer(**quiet_trainer_options(tmp_path, **kwargs))
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import Compose, Cutout, GaussianNoise, RandomCrop
 from lightning_maxup.batch import Candidates
 from lightning_maxup.functional import maxup_step
+from tests.trainer_options import quiet_trainer_options
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*isinstance.*LeafSpec.*")
@@ -90,16 +91,7 @@ class Lit(MaxUpMixin, pl.LightningModule):
 
 
 def _trainer_kwargs(**kwargs: Any) -> dict[str, Any]:
-    defaults: dict[str, Any] = {
-        "max_epochs": 3,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-        "devices": 1,
-    }
-    return {**defaults, **kwargs}
+    return quiet_trainer_options(**{"max_epochs": 3, **kwargs})
 
 
 def _trainer(**kwargs: Any) -> pl.Trainer:
