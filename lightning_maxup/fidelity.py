@@ -76,8 +76,8 @@ class SelectionFidelity(Callback):
 
     On a checked step the module's ``maxup_record`` is turned on (unless something else, such as a
     :class:`~lightning_maxup.SelectionMonitor`, turned it on already) and off again after the backward pass; the
-    step's output stays in ``maxup_last_output`` until the next step replaces it. Used together with a
-    ``SelectionMonitor``, list the monitor first: each restores the flag it found.
+    step's output stays in ``maxup_last_output`` until the next step replaces it. It works next to a
+    ``SelectionMonitor`` in either order: each turns the flag off only if it turned it on.
 
     Cost: a checked step adds one float32 forward of the ``m * B`` candidates without gradient; the default
     ``every_n_steps=200`` keeps that under 1 % of training time (see ``docs/fidelity.md`` for the measurement).

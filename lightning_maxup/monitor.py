@@ -691,7 +691,8 @@ class SelectionMonitor(Callback):
         self._armed = None
         if recorder is not None and module.maxup_config.augment is recorder:
             module.maxup_config = module.maxup_config.replace(augment=augment)
-        module.maxup_record = record
+        if not record:  # turn recording off only if this callback turned it on: another may have turned it off
+            module.maxup_record = False
         return recorder
 
     @override

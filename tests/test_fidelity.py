@@ -272,11 +272,12 @@ def test_does_not_warn_on_a_faithful_view(tmp_path):
     assert float(fidelity.last.regret) == 0.0
 
 
-def test_with_the_selection_monitor_listed_first(tmp_path):
+@pytest.mark.parametrize("monitor_first", [True, False], ids=["monitor-first", "fidelity-first"])
+def test_with_the_selection_monitor_in_either_order(tmp_path, monitor_first):
     model = Lit()
     fidelity = Capturing(every_n_steps=2)
     monitor = SelectionMonitor(every_n_steps=3)
-    _fit(model, tmp_path, [monitor, fidelity])
+    _fit(model, tmp_path, [monitor, fidelity] if monitor_first else [fidelity, monitor])
     assert len(fidelity.seen) == 6
     assert len(monitor.gap_history) == 4
     assert model.maxup_record is False
