@@ -616,6 +616,22 @@ class MaxUpMixin:
         self._maxup_draws = int(state.get("draws") or 0)
         self._maxup_agreed_rows = int(state.get("agreed_rows") or state.get("nominal_rows") or 0)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (``torch.save(module)``, ``ddp_spawn``, ``deepcopy``) without per-fit runtime state.
+
+        The Trainer reference, CUDA events and in-flight checks belong to the fit that made them; a copy prepares
+        itself again at its first step. The stream (seed, step count) is kept.
+        """
+        parent = getattr(super(), "__getstate__", None)
+        state = dict(parent() if parent is not None else self.__dict__)
+        state.update(
+            _maxup_prepared_for=None,
+            _maxup_clock=_StepClock(),
+            _maxup_finite=_FiniteGuard(),
+            maxup_last_output=None,
+        )
+        return state
+
     def on_train_end(self) -> None:
         """Read the non-finite counts still in flight from the last steps (accelerators only)."""
         self._maxup_finite.flush()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_maxup import MaxUp, MaxUpConfig, MaxUpMixin, Shared
 from lightning_maxup.augment import Compose, Cutout, GaussianNoise, RandomCrop
 from lightning_maxup.batch import Candidates, expand_copies
+from lightning_maxup.certify import SmoothAdvClassifier
 from lightning_maxup.config import option_names
 from lightning_maxup.functional import check_per_sample, maxup_step
 from lightning_maxup.mixin import _Option, _repeat_counts
@@ -673,3 +674,55 @@ def test_saved_hyperparameters_resume_under_weights_only(tmp_path: Path) -> None
     trainer = _trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt])
     trainer.fit(WithHyperparameters(_options()), ckpt_path=str(tmp_path / "last.ckpt"))
     assert trainer.global_step == 6
+
+
+def test_a_trained_module_pickles_and_its_copy_trains_on() -> None:
+    import copy
+    import io
+
+    model = Net(m=2)
+    _trainer(max_epochs=1).fit(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the whole module, as some users save it
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded._maxup_draws == model._maxup_draws == 3, "the stream's position travels with the module"
+    twin = copy.deepcopy(model)
+    _trainer(max_epochs=1).fit(loaded)  # prepares itself again for the new Trainer
+    assert loaded.global_step == 3
+    assert twin._maxup_prepared_for is None
+
+
+class NoSuperSmoothAdv(SmoothAdvClassifier):
+    """SmoothAdv with the hooks overridden as Lightning's docs write them: no super()."""
+
+    def on_fit_start(self) -> None:
+        pass
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        pass
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        pass
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_smoothadv_noise_stream_resumes_when_hooks_do_not_call_super(tmp_path: Path) -> None:
+    def model() -> Any:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+        return NoSuperSmoothAdv(net, 3, sigma=0.5, epsilon=0.0, num_noise_samples=2, optimizer="adam", lr=1e-3)
+
+    loader = DataLoader(_data(), batch_size=8)
+    full = model()
+    _trainer(max_epochs=2).fit(full, loader)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    _trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(model(), loader)
+    resumed = model()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer = _trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt])
+    trainer.fit(resumed, loader, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed._draws == full._draws == 6
+    after, expected = _params(resumed), _params(full)
+    worst = max(float((after[k].float() - expected[k].float()).abs().max()) for k in expected)
+    assert worst == 0.0, f"resumed SmoothAdv parameters differ by {worst}"

@@ -16,6 +16,7 @@ The three recipes of the MaxUp paper's certified-robustness experiment (Gong et 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -163,6 +164,7 @@ class SmoothAdvClassifier(Classifier):
         self._generator: torch.Generator | None = None
         self._seed: int | None = None
         self._draws = 0
+        self._seeded_for: Any = None  # a weak reference to the Trainer whose first step broadcast rank 0's seed
 
     def current_epsilon(self) -> float:
         """The attack radius of the current epoch (linear warm-up over ``warmup_epochs``)."""
@@ -174,32 +176,44 @@ class SmoothAdvClassifier(Classifier):
 
     def _noise_generator(self) -> torch.Generator:
         hp: Any = self.hparams
+        trainer = self._trainer
+        seeded = self._seeded_for() if self._seeded_for is not None else None
+        if trainer is not None and seeded is not trainer:  # the first step of a fit: every rank takes rank 0's seed
+            seed = resolve_seed(self._seed if self._seed is not None else hp.seed)
+            self._seed = int(trainer.strategy.broadcast(seed, src=0)) if trainer.world_size > 1 else seed
+            self._seeded_for = weakref.ref(trainer)
         if self._seed is None:
             self._seed = resolve_seed(hp.seed)
         if self._generator is None or self._generator.device.type != self.device.type:
             self._generator = torch.Generator(device=self.device)
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        # Keyed by a counter of training steps (micro-batches, not optimizer steps), saved in checkpoints: every
-        # micro-batch draws fresh noise under gradient accumulation, and a resumed run draws what the
-        # uninterrupted run drew.
+        rank = trainer.global_rank if trainer is not None else 0
+        # Keyed by a counter of training steps (micro-batches, not optimizer steps), saved in the state_dict:
+        # every micro-batch draws fresh noise under gradient accumulation, and a resumed run draws what the
+        # uninterrupted run drew, whatever hooks a subclass overrides.
         self._generator.manual_seed(mix_seed(self._seed, rank, self._draws))
         self._draws += 1
         return self._generator
 
-    def on_fit_start(self) -> None:
-        """Give every rank rank 0's noise seed."""
-        seed = resolve_seed(self._seed if self._seed is not None else self.hparams.seed)  # type: ignore[attr-defined]
-        self._seed = int(self.trainer.strategy.broadcast(seed, src=0)) if self.trainer.world_size > 1 else seed
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the weak reference to the fit's Trainer (a copy takes rank 0's seed again)."""
+        return {**super().__getstate__(), "_seeded_for": None}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the noise stream's seed and position."""
-        checkpoint[_CHECKPOINT_KEY] = {"seed": self._seed, "draws": self._draws}
+    def get_extra_state(self) -> Tensor:
+        """The noise stream's seed (if resolved) and position: ``[resolved, seed, draws]`` as int64."""
+        return torch.tensor([int(self._seed is not None), self._seed or 0, self._draws], dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` saved (``None``: a checkpoint written before 0.3)."""
+        if isinstance(state, Tensor):
+            resolved, seed, draws = (int(v) for v in state.tolist())
+            self._seed, self._draws = (seed if resolved else self._seed), draws
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the noise stream's seed and position."""
+        """Read the noise stream of a checkpoint written before 0.3."""
         state = checkpoint.get(_CHECKPOINT_KEY)
         if state is not None:
             self._seed, self._draws = state["seed"], int(state["draws"])
+            checkpoint.get("state_dict", {}).setdefault("_extra_state", None)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Attack the smoothed classifier, then minimise the cross-entropy of every noisy adversarial copy."""
