@@ -58,10 +58,11 @@ from lightning_maxup.demo import (  # noqa: E402
     OPTIMIZERS,
     AugmentName,
     OptimizerName,
+    PairedDifference,
     Recipe,
     Regime,
     make_augment,
-    paired_interval,
+    paired_difference,
     set_threads,
     stratified_subset,
     train_regime,
@@ -94,31 +95,6 @@ class Study:
     screen: list[Score] = field(default_factory=list)
     confirm: list[Score] = field(default_factory=list)
     models: dict[tuple[Regime, int], Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Gain:
-    """A paired difference over seeds: mean and 95 % half-width (points), wins out of seeds."""
-
-    mean: float
-    half: float
-    wins: int
-    seeds: int
-
-    def cell(self) -> str:
-        """Table cell, e.g. ``+0.63 ± 0.41 (4/4)``."""
-        half = "n/a" if self.half != self.half else f"{self.half:.2f}"
-        return f"{self.mean:+.2f} ± {half} ({self.wins}/{self.seeds})"
-
-
-def gain(scores: Sequence[Score], regime: Regime, metric: str) -> Gain | None:
-    """Paired ``regime - regime.baseline`` differences of ``metric`` (an attribute of :class:`Score`), in points."""
-    base = {s.seed: getattr(s, metric) for s in scores if s.regime == regime.baseline}
-    diffs = [100 * (getattr(s, metric) - base[s.seed]) for s in scores if s.regime == regime and s.seed in base]
-    if not diffs:
-        return None
-    mean, half = paired_interval(diffs)
-    return Gain(mean, half, sum(d > 0 for d in diffs), len(diffs))
 
 
 def mean_of(scores: Sequence[Score], regime: Regime, metric: str) -> float:
@@ -188,7 +164,7 @@ def run_stage(setup: Setup, cells: Sequence[Regime], seeds: Sequence[int], study
 def choose(screen: Sequence[Score], optimizers: Sequence[OptimizerName], sweep: Sequence[float]) -> list[Regime]:
     """The confirmed cells, chosen on the screen's validation gains (see the module docstring)."""
     maxup = list(dict.fromkeys(s.regime for s in screen if s.regime.m > 1))
-    gains = {r: g.mean for r in maxup if (g := gain(screen, r, "val_acc")) is not None}
+    gains = {r: g.mean for r in maxup if (g := paired_difference(screen, r, "val_acc")) is not None}
     chosen: list[Regime] = []
     for opt in optimizers:
         mine = sorted((r for r in gains if r.optimizer == opt), key=gains.__getitem__)
@@ -225,16 +201,16 @@ def _column(r: Regime) -> str:
     return f"m={r.m} {view} {rule}"
 
 
-def gain_map(scores: Sequence[Score], metric: str) -> tuple[list[str], list[str], list[list[Gain | None]]]:
+def gain_map(scores: Sequence[Score], metric: str) -> tuple[list[str], list[str], list[list[PairedDifference | None]]]:
     """Rows (augmentation, optimiser), columns (m, view, rule) and the gain of each cell."""
     regimes = list(dict.fromkeys(s.regime for s in scores))
     rows = list(dict.fromkeys(_row(r) for r in regimes))
     columns = list(dict.fromkeys(_column(r) for r in regimes if r.m > 1))
-    grid: list[list[Gain | None]] = [[None] * len(columns) for _ in rows]
+    grid: list[list[PairedDifference | None]] = [[None] * len(columns) for _ in rows]
     for r in regimes:
         if r.m > 1:
             row = rows.index(_row(r))
-            grid[row][columns.index(_column(r))] = gain(scores, r, metric)
+            grid[row][columns.index(_column(r))] = paired_difference(scores, r, metric)
     return rows, columns, grid
 
 
@@ -254,7 +230,7 @@ def confirm_table(scores: Sequence[Score], split: str) -> str:
     acc, wok = f"{split}_acc", f"{split}_wok"
     body = []
     for r in dict.fromkeys(s.regime for s in scores if s.regime.m > 1):
-        g, w = gain(scores, r, acc), gain(scores, r, wok)
+        g, w = paired_difference(scores, r, acc), paired_difference(scores, r, wok)
         agreement = [s.view_agreement for s in scores if s.regime == r and s.view_agreement is not None]
         body.append([
             r.label, f"{mean_of(scores, r.baseline, acc):.2f}", f"{mean_of(scores, r, acc):.2f}",

@@ -531,9 +531,17 @@ class PairedDifference:
         half = "n/a" if self.half != self.half else f"{self.half:.2f}"
         return f"{self.mean:+.2f} ± {half}"
 
+    def cell(self) -> str:
+        """Table cell with the wins, e.g. ``+0.63 ± 0.41 (4/4)``."""
+        return f"{self} ({self.wins}/{self.seeds})"
 
-def paired_difference(results: list[DemoResult], regime: Regime, metric: str = "test_acc") -> PairedDifference | None:
-    """``regime`` minus its baseline (``m = 1``) per seed, for ``metric`` (``"test_acc"`` or ``"test_wok"``)."""
+
+def paired_difference(results: Sequence[Any], regime: Regime, metric: str = "test_acc") -> PairedDifference | None:
+    """``regime`` minus its baseline (``m = 1``) per seed, for ``metric``, in points.
+
+    ``results`` are runs with ``regime``, ``seed`` and the ``metric`` attribute (``"test_acc"``, ``"test_wok"``, or
+    the regimes study's validation scores).
+    """
     base = {r.seed: getattr(r, metric) for r in results if r.regime == regime.baseline}
     diffs = [100 * (getattr(r, metric) - base[r.seed]) for r in results if r.regime == regime and r.seed in base]
     if not diffs:
