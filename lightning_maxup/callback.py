@@ -11,7 +11,7 @@ from typing_extensions import override
 from lightning_maxup._lightning import Callback, rank_zero_info, rank_zero_warn
 from lightning_maxup._validation import non_negative_int
 from lightning_maxup.config import MaxUpConfig
-from lightning_maxup.mixin import MaxUpMixin
+from lightning_maxup.mixin import MaxUpMixin, require_maxup_module
 
 if TYPE_CHECKING:
     from lightning_maxup._lightning import pl
@@ -80,15 +80,12 @@ class MaxUp(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, MaxUpMixin):
-            raise TypeError(
-                f"The MaxUp callback needs a LightningModule that subclasses MaxUpMixin, got {type(pl_module).__name__}"
-            )
+        module = require_maxup_module(pl_module, "MaxUp")
         if stage != "fit":
             return
-        self._saved = (pl_module.maxup_config, pl_module.maxup_enabled)
+        self._saved = (module.maxup_config, module.maxup_enabled)
         if self.overrides:
-            pl_module.maxup_config = pl_module.maxup_config.replace(**self.overrides)
+            module.maxup_config = module.maxup_config.replace(**self.overrides)
         self._skip_warmup = bool(getattr(trainer, "fast_dev_run", False)) and self.warmup_epochs > 0
         self._apply(trainer, pl_module)
 

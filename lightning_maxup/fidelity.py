@@ -23,7 +23,7 @@ from lightning_maxup._validation import positive_float, positive_int
 from lightning_maxup.batch import split_inputs
 from lightning_maxup.config import MaxUpConfig
 from lightning_maxup.metrics import ViewFidelity, WorstOfKAccuracy, full_input_losses, view_fidelity
-from lightning_maxup.mixin import MaxUpMixin
+from lightning_maxup.mixin import MaxUpMixin, require_maxup_module
 
 if TYPE_CHECKING:
     from lightning_maxup._lightning import pl
@@ -112,11 +112,7 @@ class SelectionFidelity(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, MaxUpMixin):
-            raise TypeError(
-                "The SelectionFidelity callback needs a LightningModule that subclasses MaxUpMixin, got"
-                f" {type(pl_module).__name__}"
-            )
+        require_maxup_module(pl_module, "SelectionFidelity")
 
     @override
     def on_train_batch_start(

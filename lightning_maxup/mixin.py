@@ -35,7 +35,7 @@ from lightning_maxup.functional import (
 )
 from lightning_maxup.random import Generator, KeyedGenerator, mix_seed, resolve_seed
 
-__all__ = ["MaxUpMixin"]
+__all__ = ["MaxUpMixin", "require_maxup_module"]
 
 T = TypeVar("T")
 
@@ -681,3 +681,19 @@ def _repeat_counts(index: Tensor) -> Tensor:
     starts[1:] = ordered[1:] != ordered[:-1]
     run_start = torch.where(starts, position, torch.zeros_like(position)).cummax(0).values
     return torch.empty_like(position).scatter_(0, order, position - run_start)
+
+
+def require_maxup_module(module: Any, callback: str) -> MaxUpMixin:
+    """Return ``module`` if it subclasses :class:`MaxUpMixin`, else raise naming ``callback`` (for ``setup``).
+
+    Example:
+        >>> require_maxup_module(torch.nn.Linear(2, 2), "MaxUp")
+        Traceback (most recent call last):
+        ...
+        TypeError: The MaxUp callback needs a LightningModule that subclasses MaxUpMixin, got Linear
+    """
+    if not isinstance(module, MaxUpMixin):
+        raise TypeError(
+            f"The {callback} callback needs a LightningModule that subclasses MaxUpMixin, got {type(module).__name__}"
+        )
+    return module

@@ -59,7 +59,7 @@ from lightning_maxup.augment import (
 from lightning_maxup.augment.randaugment import RandAugment
 from lightning_maxup.batch import first_floating
 from lightning_maxup.functional import MaxUpOutput
-from lightning_maxup.mixin import MaxUpMixin
+from lightning_maxup.mixin import MaxUpMixin, require_maxup_module
 
 if TYPE_CHECKING:
     from lightning_maxup._lightning import pl
@@ -655,11 +655,7 @@ class SelectionMonitor(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, MaxUpMixin):
-            raise TypeError(
-                "The SelectionMonitor callback needs a LightningModule that subclasses MaxUpMixin, got"
-                f" {type(pl_module).__name__}"
-            )
+        require_maxup_module(pl_module, "SelectionMonitor")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the DDP and example subprocesses
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -20,3 +21,12 @@ torch.set_num_threads(1)
 # that spawn processes are marked with pytest-rerunfailures'
 # `flaky(reruns=1, only_rerun=["ProcessExitedException.*SIGABRT"])`, which reruns that exact failure once (the
 # rerun must pass every assertion again) and nothing else.
+
+
+@pytest.fixture
+def file_system_sharing():
+    """``ddp_spawn`` shares tensors through shared memory, too small in containers; files work everywhere."""
+    previous = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    yield
+    torch.multiprocessing.set_sharing_strategy(previous)

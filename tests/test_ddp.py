@@ -33,16 +33,6 @@ from lightning_maxup import MaxUp  # noqa: E402
 TIMEOUT = timedelta(seconds=60)  # a mismatched collective fails after this instead of hanging the suite
 
 
-@pytest.fixture
-def file_system_sharing():
-    """``ddp_spawn`` pickles tensors through shared memory, which fails in small containers ("unable to resize
-    file"); the file-system strategy works everywhere."""
-    previous = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    yield
-    torch.multiprocessing.set_sharing_strategy(previous)
-
-
 def _spawn_fit(model: pl.LightningModule, out: Path, callbacks: list[Any], **trainer: Any) -> list[dict[str, Any]]:
     trainer.setdefault("max_epochs", 1)
     pl.Trainer(

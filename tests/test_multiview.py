@@ -540,12 +540,6 @@ def test_candidates_with_an_augment_set_raise_at_the_first_batch() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # DDP: 2 CPU ranks
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def file_system_sharing():
-    previous = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    yield
-    torch.multiprocessing.set_sharing_strategy(previous)
 
 
 class LitMaxUpRecord(LitMaxUp):

@@ -187,15 +187,6 @@ def test_resume_mid_warmup_matches_an_uninterrupted_run(namespace, tmp_path):
         assert torch.equal(value, resumed.state_dict()[key]), f"{key} differs by up to {diff:.3g} after the resume"
 
 
-@pytest.fixture
-def file_system_sharing():
-    """``ddp_spawn`` shares tensors through shared memory, too small in containers; files work everywhere."""
-    previous = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    yield
-    torch.multiprocessing.set_sharing_strategy(previous)
-
-
 @pytest.mark.flaky(reruns=1, only_rerun=["ProcessExitedException.*SIGABRT"])  # gloo teardown abort, conftest.py
 @pytest.mark.slow
 @pytest.mark.usefixtures("file_system_sharing")

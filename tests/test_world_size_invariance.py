@@ -179,14 +179,6 @@ def test_point_subset_view_is_world_size_invariant() -> None:
         assert torch.equal(view((x[rows], y[rows]))[0], whole[rows])
 
 
-@pytest.fixture
-def file_system_sharing():
-    previous = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    yield
-    torch.multiprocessing.set_sharing_strategy(previous)
-
-
 def _fit(out: Path, devices: int, batch_size: int) -> dict[str, Any]:
     model = LitDDP(norm="none", n=32, batch_size=batch_size, indexed=True, m=4, seed=11, randomness="sample", lr=0.2)
     strategy: Any = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)) if devices > 1 else "auto"

@@ -384,15 +384,6 @@ def test_callback_needs_targets(tmp_path: Path):
     del model
 
 
-@pytest.fixture
-def file_system_sharing():
-    """``ddp_spawn`` pickles tensors through shared memory, which fails in small containers; see test_ddp.py."""
-    previous = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    yield
-    torch.multiprocessing.set_sharing_strategy(previous)
-
-
 @pytest.mark.flaky(reruns=1, only_rerun=["ProcessExitedException.*SIGABRT"])  # gloo teardown abort, conftest.py
 @pytest.mark.slow
 @pytest.mark.usefixtures("file_system_sharing")
