@@ -465,6 +465,7 @@ def maxup_step(
         raise ValueError(f"Expected `num_chunks` to be a positive integer or None, got {num_chunks!r}")
     m, name = config.m, _name(loss_fn)
     start = time.perf_counter()
+    check_per_sample(batch)
     premade = _premade(batch, config)
     if premade is not None and m == 1:  # warm-up on loader-made copies: train on copy 0
         batch = slice_rows(premade.batch, 0, premade.num_samples)

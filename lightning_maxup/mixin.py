@@ -466,7 +466,6 @@ class MaxUpMixin:
         cfg = self.maxup_config
         m = self.maxup_active_m
         self._maxup_warn_identity(m, batch)
-        check_per_sample(batch)
         seed = mix_seed(self.maxup_resolved_seed(), self._maxup_rank(), self._maxup_draws, _DROPOUT_STREAM)
         out = maxup_step(
             self.per_sample_loss,

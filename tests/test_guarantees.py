@@ -726,3 +726,16 @@ def test_smoothadv_noise_stream_resumes_when_hooks_do_not_call_super(tmp_path: P
     after, expected = _params(resumed), _params(full)
     worst = max(float((after[k].float() - expected[k].float()).abs().max()) for k in expected)
     assert worst == 0.0, f"resumed SmoothAdv parameters differ by {worst}"
+
+
+def test_plain_maxup_step_refuses_a_tensor_that_is_not_per_sample() -> None:
+    net = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def loss_fn(batch: Any) -> Tensor:
+        return F.cross_entropy(net(batch[0]), batch[1], weight=batch[2], reduction="none")
+
+    with pytest.raises(ValueError, match=r"shape \[3\] whose first dimension is not the batch size 8.*Shared"):
+        maxup_step(loss_fn, (x, y, torch.ones(3)), augment=GaussianNoise(0.1), m=2, model=net)
+    out = maxup_step(loss_fn, (x, y, Shared(torch.ones(3))), augment=GaussianNoise(0.1), m=2, model=net)
+    assert out.losses.shape == (8,)
