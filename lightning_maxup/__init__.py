@@ -4,17 +4,26 @@ MaxUp (Gong, Ren, Ye & Liu, CVPR 2021, arXiv:2002.09024) minimises, for each tra
 ``m`` random augmentations. Subclass your LightningModule with :class:`MaxUpMixin`, implement
 ``per_sample_loss``, and add the :class:`MaxUp` callback to the Trainer for the warm-up schedule;
 :func:`maxup_step` is the same step as a plain function, and :class:`MaxUpConfig` holds every option.
+
+The names below load on first use, so ``import lightning_maxup`` alone (and the ``lightning-maxup`` command's
+short help) does not import torch or Lightning.
 """
 
-from lightning_maxup.batch import Candidates, Shared
-from lightning_maxup.callback import MaxUp
-from lightning_maxup.config import MaxUpConfig
-from lightning_maxup.fidelity import SelectionFidelity, WorstOfKValidation
-from lightning_maxup.functional import MaxUpOutput, maxup_step
-from lightning_maxup.metrics import WorstOfKAccuracy, worst_of_k_accuracy
-from lightning_maxup.mixin import MaxUpMixin
-from lightning_maxup.monitor import SelectionMonitor
-from lightning_maxup.views import Downsample, PointSubset
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_maxup.batch import Candidates, Shared
+    from lightning_maxup.callback import MaxUp
+    from lightning_maxup.config import MaxUpConfig
+    from lightning_maxup.fidelity import SelectionFidelity, WorstOfKValidation
+    from lightning_maxup.functional import MaxUpOutput, maxup_step
+    from lightning_maxup.metrics import WorstOfKAccuracy, worst_of_k_accuracy
+    from lightning_maxup.mixin import MaxUpMixin
+    from lightning_maxup.monitor import SelectionMonitor
+    from lightning_maxup.views import Downsample, PointSubset
 
 __all__ = [
     "Candidates",
@@ -33,3 +42,39 @@ __all__ = [
     "worst_of_k_accuracy",
 ]
 __version__ = "0.3.0"
+
+# The module defining each public name (the imports above, for type checkers and the API docs).
+_DEFINED_IN = {
+    "Candidates": "batch",
+    "Downsample": "views",
+    "MaxUp": "callback",
+    "MaxUpConfig": "config",
+    "MaxUpMixin": "mixin",
+    "MaxUpOutput": "functional",
+    "PointSubset": "views",
+    "SelectionFidelity": "fidelity",
+    "SelectionMonitor": "monitor",
+    "Shared": "batch",
+    "WorstOfKAccuracy": "metrics",
+    "WorstOfKValidation": "fidelity",
+    "maxup_step": "functional",
+    "worst_of_k_accuracy": "metrics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEFINED_IN:
+        value = getattr(importlib.import_module(f"{__name__}.{_DEFINED_IN[name]}"), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):  # a submodule, as `lightning_maxup.functional` after a bare import
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

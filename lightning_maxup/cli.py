@@ -2,11 +2,18 @@
 
 Subcommands: ``demo``, LightningCLI's ``fit``/``validate``/``test``/``predict``, and ``certify``/``certify-table``.
 ``lightning-maxup fit --config examples/configs/digits.yaml`` trains any LightningModule and DataModule named by
-``class_path`` in the YAML; MaxUp's ``m``, augmentation, warm-up and selection size are set there.
+``class_path`` in the YAML; MaxUp's ``m``, augmentation, warm-up and selection size are set there. The library's
+models, data modules and callbacks go by their short name (``--model MaxUpClassifier``); ``fit --help`` lists them
+without importing torch, ``fit --help-all`` is LightningCLI's complete help. The default logger is chosen here,
+without Lightning's fallback warning: TensorBoard when ``tensorboard`` is installed, else CSV. ``fit`` ends with one
+summary: the final validation metrics, the best checkpoint and the log directory.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 import sys
 import warnings
 import zipfile
@@ -22,7 +29,8 @@ _USAGE = """usage: lightning-maxup {demo,fit,validate,test,predict,certify,certi
        lightning-maxup --version
 
   demo           where MaxUp helps and where it hurts, on the bundled digits (no download)
-  fit ...        LightningCLI: train from a YAML config (lightning-maxup fit --config CONFIG)
+  fit ...        LightningCLI: train from a YAML config (lightning-maxup fit --config CONFIG);
+                 fit --help lists the library's models, data modules and callbacks
   validate, test, predict
                  LightningCLI's other subcommands
   certify        randomized-smoothing certification of a trained model
@@ -47,9 +55,50 @@ def version() -> str:
     return lightning_maxup.__version__
 
 
-def _lightning_cli_class(namespace: Any) -> type:
-    import importlib
+def _tensorboard_available() -> bool:
+    """Whether Lightning's ``TensorBoardLogger`` can run: ``tensorboard`` or ``tensorboardX`` is installed."""
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
+
+def _default_logger(namespace: Any, root_dir: str | None) -> Any:
+    """The logger of a run that names none: TensorBoard if installed, else CSV, in ``root_dir`` or the cwd."""
+    save_dir = root_dir or os.getcwd()
+    if _tensorboard_available():
+        return namespace.loggers.TensorBoardLogger(save_dir=save_dir)
+    return namespace.loggers.CSVLogger(save_dir=save_dir)
+
+
+def _fit_summary(trainer: Any) -> str:
+    """One block after ``fit``: the final validation metrics, the checkpoint to use and the log directory."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_"))}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())) or "none logged"
+    lines = [f"{_PROG} fit: {trainer.current_epoch} epochs, {trainer.global_step} steps.", f"  validation: {shown}"]
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.best_model_path:
+        monitor = checkpoint.monitor
+        label = f"best checkpoint (by {monitor})" if monitor else "checkpoint (latest; no monitor set)"
+        lines.append(f"  {label}: {checkpoint.best_model_path}")
+    else:
+        lines.append("  checkpoint: none saved")
+    lines.append(f"  logs: {trainer.log_dir}" if trainer.loggers else "  logs: none (no logger)")
+    return "\n".join(lines)
+
+
+def _import_library(namespace: Any) -> None:
+    """Import the library's classes, so that jsonargparse lists them and takes them by short name.
+
+    Callbacks belong to both namespaces; the models and data modules only to the one :func:`_lightning.namespace`
+    gives, and are imported only when the CLI runs on that one.
+    """
+    from lightning_maxup._cli_help import LIBRARY_CLASSES
+    from lightning_maxup._lightning import namespace as library_namespace
+
+    same = namespace.__name__ == library_namespace()
+    for module in dict.fromkeys(entry.module for entry in LIBRARY_CLASSES if same or entry.kind == "callback"):
+        importlib.import_module(module)
+
+
+def _lightning_cli_class(namespace: Any) -> type:
     lightning_cli: Any = importlib.import_module(f"{namespace.__name__}.cli").LightningCLI  # of either namespace
 
     class _CLI(lightning_cli):
@@ -61,6 +110,16 @@ def _lightning_cli_class(namespace: Any) -> type:
 
         def parse_arguments(self, parser: Any, args: Any) -> None:
             self.config = parser.parse_args(args)
+
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            config = {**(self.config_init.get(f"{self.subcommand}.trainer") or {}), **kwargs}
+            if config.get("logger") in (None, True) and not config.get("barebones"):
+                kwargs["logger"] = _default_logger(namespace, config.get("default_root_dir"))
+            return super().instantiate_trainer(**kwargs)
+
+        def after_fit(self) -> None:
+            if self.trainer.is_global_zero:
+                print(_fit_summary(self.trainer))
 
     return _CLI
 
@@ -75,6 +134,7 @@ def cli_main(argv: list[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     pl = cli_namespace(args)  # `pytorch_lightning` or `lightning.pytorch`: that of the config's own classes
+    _import_library(pl)
     _lightning_cli_class(pl)(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -117,6 +177,12 @@ def checkpoint_problem(path: str | None) -> str | None:
 
 
 def _run_lightning(argv: list[str]) -> int:
+    if argv[1:] in (["--help"], ["-h"]):
+        from lightning_maxup._cli_help import help_page
+
+        print(help_page(argv[0]))
+        return 0
+    argv = ["--help" if arg == "--help-all" else arg for arg in argv]
     from jsonargparse import ArgumentError
 
     problem = checkpoint_problem(_ckpt_path(argv))

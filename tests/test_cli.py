@@ -118,7 +118,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_fit_help_emits_no_warning(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # The console script's situation: `main()` reads sys.argv, which holds the arguments LightningCLI is given.
-    monkeypatch.setattr(sys, "argv", ["lightning-maxup", "fit", "--help"])
+    monkeypatch.setattr(sys, "argv", ["lightning-maxup", "fit", "--help-all"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(SystemExit) as exit_info:
@@ -175,6 +175,7 @@ def test_fit_config_errors_show_the_message_then_a_pointer_to_help(
     "argv",
     [
         pytest.param(["--help"], id="top-level"),
+        pytest.param(["fit", "--help"], id="fit"),
         pytest.param(["certify", "--help"], id="certify"),
         pytest.param(["certify-table", "--help"], id="certify-table"),
     ],
@@ -199,3 +200,185 @@ def test_fit_refuses_a_truncated_checkpoint_in_one_line(tmp_path, capsys):
     assert "is not a readable checkpoint (truncated or corrupted?)" in err
     assert "truncated.ckpt" in err
     assert "Traceback" not in err
+
+
+# ---- The CLI shows the library: its classes on `fit --help`, by short name, and one summary after `fit` ----
+
+
+def _library_classes_by_kind() -> dict[str, set[str]]:
+    """Every public LightningModule, LightningDataModule and Callback the package defines, found by importing it."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from lightning_maxup._lightning import Callback as LibraryCallback
+    from lightning_maxup._lightning import pl
+
+    found: dict[str, set[str]] = {"model": set(), "data": set(), "callback": set()}
+    kinds = {"model": pl.LightningModule, "data": pl.LightningDataModule, "callback": LibraryCallback}
+    for info in pkgutil.walk_packages(lightning_maxup.__path__, "lightning_maxup."):
+        if any(part.startswith("_") for part in info.name.split(".")):
+            continue
+        module = importlib.import_module(info.name)
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            for kind, base in kinds.items():
+                if inspect.isclass(obj) and issubclass(obj, base) and obj.__module__.startswith("lightning_maxup."):
+                    found[kind].add(f"{obj.__module__}.{obj.__qualname__}")
+    return found
+
+
+def test_library_classes_list_every_model_data_module_and_callback() -> None:
+    import importlib
+    import inspect
+
+    from lightning_maxup._cli_help import LIBRARY_CLASSES, _plain, summary
+
+    listed: dict[str, set[str]] = {"model": set(), "data": set(), "callback": set(), "network": set()}
+    for entry in LIBRARY_CLASSES:
+        module, _, name = entry.path.rpartition(".")
+        obj = getattr(importlib.import_module(module), name)
+        assert obj.__module__ == entry.module, entry
+        doc = inspect.getdoc(obj) or ""
+        assert summary(entry) == _plain(" ".join(doc.split("\n\n")[0].split())), entry
+        listed[entry.kind].add(f"{obj.__module__}.{obj.__qualname__}")
+    expected = _library_classes_by_kind()
+    expected["model"].discard("lightning_maxup.models.classifier.Classifier")  # a base class: it does not train
+    for kind, classes in expected.items():
+        assert listed[kind] == classes, f"{kind}: missing {classes - listed[kind]}, extra {listed[kind] - classes}"
+
+
+def test_fit_help_names_the_library_classes_without_importing_torch() -> None:
+    from lightning_maxup._cli_help import LIBRARY_CLASSES
+
+    script = (
+        "import sys; from lightning_maxup.cli import main; code = main(['fit', '--help']); "
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pytorch_lightning', 'lightning')); "
+        "print('exit', code, 'heavy', heavy)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stderr == ""
+    assert proc.stdout.rstrip().endswith("exit 0 heavy []"), proc.stdout[-500:]
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and line.strip()}
+    missing = {entry.name for entry in LIBRARY_CLASSES} - listed
+    assert not missing, f"not on `fit --help`: {sorted(missing)}"
+    assert "  Cutout" in proc.stdout or "Cutout," in proc.stdout  # the augmentations' line
+
+
+@pytest.mark.slow
+def test_fit_help_all_is_lightning_cli_help_with_the_library_classes_and_the_common_options(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from lightning_maxup._cli_help import COMMON_OPTIONS, LIBRARY_CLASSES
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help-all"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    out = out.replace(" ", "")  # jsonargparse wraps long class paths mid-name
+    unknown = [e.path for e in LIBRARY_CLASSES if e.kind != "network" and e.path.replace(" ", "") not in out]
+    assert not unknown, f"not among LightningCLI's known subclasses: {unknown}"
+    for option, _ in COMMON_OPTIONS:
+        flag = option.split()[-2] if option.startswith("-c") else option.split()[0]
+        assert flag in out, f"{flag} (listed on `fit --help`) is not a LightningCLI option"
+
+
+@pytest.mark.slow
+def test_short_names_resolve_in_a_fresh_process() -> None:
+    # A fresh process: the library's modules are imported by the CLI itself, not by an earlier test.
+    argv = ["--model", "MaxUpClassifier", "--model.backbone", "SmallCNN", "--model.num_classes", "10"]
+    argv += ["--data", "DigitsDataModule", "--trainer.callbacks+", "MaxUp", "--trainer.callbacks+", "EpochTimer"]
+    script = f"import sys; from lightning_maxup.cli import main; sys.exit(main(['fit', *{argv!r}, '--print_config']))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resolved = {line.split("class_path: ")[1] for line in proc.stdout.splitlines() if "class_path: " in line}
+    expected = {"lightning_maxup.models.MaxUpClassifier", "lightning_maxup.models.SmallCNN"}
+    expected |= {"lightning_maxup.data.DigitsDataModule", "lightning_maxup.MaxUp", "lightning_maxup.timing.EpochTimer"}
+    assert expected <= resolved, proc.stdout
+
+
+SHORT_NAMES = textwrap.dedent(
+    """
+    seed_everything: 0
+    trainer:
+      max_epochs: 2
+      limit_train_batches: 3
+      limit_val_batches: 2
+      accelerator: cpu
+      enable_progress_bar: false
+      enable_model_summary: false
+      callbacks:
+        - class_path: MaxUp
+          init_args: {warmup_epochs: 1}
+        - class_path: WorstOfKValidation
+          init_args:
+            k: 2
+            augment: {class_path: lightning_maxup.augment.RandomCrop, init_args: {size: 8, padding: 1}}
+    model:
+      class_path: MaxUpClassifier
+      init_args:
+        backbone: {class_path: SmallCNN, init_args: {in_channels: 1, num_classes: 10, width: 4}}
+        num_classes: 10
+        maxup:
+          m: 2
+          augment: {class_path: lightning_maxup.augment.RandomCrop, init_args: {size: 8, padding: 1}}
+    data:
+      class_path: DigitsDataModule
+      init_args: {batch_size: 16}
+    """
+)
+
+
+def _summary_values(out: str) -> dict[str, str]:
+    line = next(line for line in out.splitlines() if line.startswith("  validation: "))
+    items = line.removeprefix("  validation: ").split(", ")
+    return dict(item.split(" ") for item in items)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:pytorch_lightning.cli")
+@pytest.mark.filterwarnings("ignore:(?s).*Instantiating a subclass spec given as value for a type that accepts any")
+def test_fit_by_short_names_logs_to_csv_without_warning_and_prints_one_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    import lightning_fabric.loggers.tensorboard as fabric_tb
+    import pytorch_lightning.trainer.connectors.logger_connector.logger_connector as connector
+
+    import lightning_maxup.cli as cli
+
+    # A machine without tensorboard: Lightning's default would warn and fall back to CSV; the CLI picks CSV itself.
+    monkeypatch.setattr(cli, "_tensorboard_available", lambda: False, raising=False)
+    for module in (connector, fabric_tb):
+        monkeypatch.setattr(module, "_TENSORBOARD_AVAILABLE", False)
+        monkeypatch.setattr(module, "_TENSORBOARDX_AVAILABLE", False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text(SHORT_NAMES)
+    assert main(["fit", "--config", "config.yaml"]) == 0  # any warning is an error (pyproject's filterwarnings)
+    out = capsys.readouterr().out
+    summary = out[out.index("lightning-maxup fit: ") :].splitlines()
+    assert summary[0] == "lightning-maxup fit: 2 epochs, 6 steps."
+    printed = _summary_values(out)
+    assert set(printed) == {"val/acc", "val/loss", "val/worst_of_2_acc"}
+    log_dir = Path(summary[-1].removeprefix("  logs: "))
+    with (log_dir / "metrics.csv").open() as file:
+        last = [row for row in csv.DictReader(file) if row.get("val/acc")][-1]  # what the CSV logger wrote
+    assert printed == {name: f"{float(last[name]):.4g}" for name in printed}
+    checkpoint = Path(summary[2].rpartition(": ")[2])
+    assert checkpoint.is_file()
+    assert checkpoint.parent == log_dir / "checkpoints"
+    assert not list(log_dir.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:pytorch_lightning.cli")
+@pytest.mark.filterwarnings("ignore:(?s).*Instantiating a subclass spec given as value for a type that accepts any")
+def test_fit_logs_to_tensorboard_when_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (the dev and tensorboard extras)")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text(SHORT_NAMES)
+    assert main(["fit", "--config", "config.yaml", "--trainer.limit_train_batches=1"]) == 0
+    log_dir = Path(capsys.readouterr().out.splitlines()[-1].removeprefix("  logs: "))
+    assert list(log_dir.glob("events.out.tfevents.*")), sorted(p.name for p in log_dir.iterdir())
