@@ -130,3 +130,22 @@ def test_getting_started_example_runs(tmp_path: Path) -> None:
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _shell_lines(path: Path) -> list[str]:
+    """The command lines in the ```bash blocks of ``path`` (comments and blank lines left out)."""
+    blocks = re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip() and line[0] != "#"]
+
+
+def test_getting_started_installs_as_the_readme_does() -> None:
+    readme, index = _shell_lines(ROOT / "README.md"), _shell_lines(ROOT / "docs" / "index.md")
+    installs = [line for line in index if line.startswith("python3 -m venv") or "--index-url" in line]
+    assert installs, "docs/index.md lost its install commands"
+    differing = [line for line in installs if line not in readme]
+    assert not differing, f"docs/index.md installs differently from the README: {differing}"
+    for venv in (".venv-demo/bin/activate", ".venv/bin/activate"):
+        assert any(venv in line for line in installs), f"docs/index.md does not use {venv}"
+    cpu = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+    assert cpu in readme, "the README lost the CPU-only torch command"
+    assert cpu in index, "docs/index.md lost the CPU-only torch command"
