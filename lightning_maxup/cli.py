@@ -63,8 +63,9 @@ def _tensorboard_available() -> bool:
 def _default_logger(namespace: Any, root_dir: str | None) -> Any:
     """The logger of a run that names none: TensorBoard if installed, else CSV, in ``root_dir`` or the cwd."""
     save_dir = root_dir or os.getcwd()
-    if _tensorboard_available():
-        return namespace.loggers.TensorBoardLogger(save_dir=save_dir)
+    if _tensorboard_available():  # versioned by the SLURM job id, if any, as Lightning's own default
+        job_id = importlib.import_module(f"{namespace.__name__}.plugins.environments").SLURMEnvironment.job_id()
+        return namespace.loggers.TensorBoardLogger(save_dir=save_dir, version=job_id)
     return namespace.loggers.CSVLogger(save_dir=save_dir)
 
 

@@ -382,3 +382,18 @@ def test_fit_logs_to_tensorboard_when_installed(
     assert main(["fit", "--config", "config.yaml", "--trainer.limit_train_batches=1"]) == 0
     log_dir = Path(capsys.readouterr().out.splitlines()[-1].removeprefix("  logs: "))
     assert list(log_dir.glob("events.out.tfevents.*")), sorted(p.name for p in log_dir.iterdir())
+
+
+@pytest.mark.parametrize("tensorboard", [False, True], ids=["csv", "tensorboard"])
+def test_default_logger_belongs_to_the_cli_namespace(
+    tensorboard: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lightning_maxup.cli as cli
+    from lightning_maxup._lightning import installed
+
+    monkeypatch.setattr(cli, "_tensorboard_available", lambda: tensorboard)
+    for module in installed().values():
+        logger = cli._default_logger(module, str(tmp_path))
+        expected = module.loggers.TensorBoardLogger if tensorboard else module.loggers.CSVLogger
+        assert type(logger) is expected
+        assert Path(logger.save_dir) == tmp_path
