@@ -110,8 +110,15 @@ def _definitions(module: str) -> dict[str, ast.ClassDef | ast.FunctionDef]:
 
 
 def summary(entry: LibraryClass) -> str:
-    """The first paragraph of the docstring of ``entry``, on one line and without markup, read from the source."""
-    docstring = ast.get_docstring(_definitions(entry.module)[entry.name]) or ""
+    """The first paragraph of the docstring of ``entry``, on one line and without markup, read from the source.
+
+    Empty where the source is not installed (a package shipped as bytecode only): the page then lists names only.
+    """
+    try:
+        definitions = _definitions(entry.module)
+    except OSError:
+        return ""
+    docstring = ast.get_docstring(definitions[entry.name]) or ""
     return _plain(" ".join(docstring.split("\n\n")[0].split()))
 
 

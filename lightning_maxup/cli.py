@@ -73,7 +73,8 @@ def _fit_summary(trainer: Any) -> str:
     """One block after ``fit``: the final validation metrics, the checkpoint to use and the log directory."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_"))}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())) or "none logged"
-    lines = [f"{_PROG} fit: {trainer.current_epoch} epochs, {trainer.global_step} steps.", f"  validation: {shown}"]
+    lines = [f"{_PROG} fit finished: epochs {trainer.current_epoch}, steps {trainer.global_step}"]
+    lines.append(f"  validation: {shown}")
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path:
         monitor = checkpoint.monitor
@@ -81,7 +82,8 @@ def _fit_summary(trainer: Any) -> str:
         lines.append(f"  {label}: {checkpoint.best_model_path}")
     else:
         lines.append("  checkpoint: none saved")
-    lines.append(f"  logs: {trainer.log_dir}" if trainer.loggers else "  logs: none (no logger)")
+    log_dir = trainer.log_dir if trainer.loggers else None  # None under fast_dev_run's dummy logger too
+    lines.append(f"  logs: {log_dir}" if log_dir else "  logs: none (no logger)")
     return "\n".join(lines)
 
 

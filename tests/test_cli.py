@@ -356,8 +356,8 @@ def test_fit_by_short_names_logs_to_csv_without_warning_and_prints_one_summary(
     (tmp_path / "config.yaml").write_text(SHORT_NAMES)
     assert main(["fit", "--config", "config.yaml"]) == 0  # any warning is an error (pyproject's filterwarnings)
     out = capsys.readouterr().out
-    summary = out[out.index("lightning-maxup fit: ") :].splitlines()
-    assert summary[0] == "lightning-maxup fit: 2 epochs, 6 steps."
+    summary = out[out.index("lightning-maxup fit finished: ") :].splitlines()
+    assert summary[0] == "lightning-maxup fit finished: epochs 2, steps 6"
     printed = _summary_values(out)
     assert set(printed) == {"val/acc", "val/loss", "val/worst_of_2_acc"}
     log_dir = Path(summary[-1].removeprefix("  logs: "))
