@@ -340,3 +340,37 @@ def test_seed_mismatch_across_ranks_raises_as_documented() -> None:
     ds = MultiView(TensorDataset(torch.zeros(4, 3)), jitter, 2, seed=5)
     with pytest.raises(ValueError, match=r"MultiView's seed differs across ranks \(5 here, 11 on rank 0\)"):
         check_same_seed(Trainer(), ds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The docs' per-image snippets
+# ---------------------------------------------------------------------------------------------------------------
+def snippet(page: str, name: str) -> str:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text(encoding="utf-8")
+    found = re.search(rf"<!-- snippet: {name} -->\n```python\n(.*?)```", text, re.S)
+    assert found is not None, f"docs/{page} lost its {name} snippet"
+    return found[1]
+
+
+@pytest.mark.slow
+def test_the_per_image_snippets_of_the_docs_run(tmp_path: Path) -> None:
+    """docs/pipelines.md (a user's own MaxUpMixin module, wired once) and docs/fidelity.md (worst-of-k on the same
+    pipeline's copies, selection fidelity), run as one script, as a user would paste them; the library warns nothing."""
+    import subprocess
+    import sys
+
+    script = snippet("pipelines.md", "per-image") + snippet("fidelity.md", "per-image-evaluation")
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "lightning_maxup" not in result.stderr, result.stderr[-4000:]  # no warning from the library
+    assert "'val/worst_of_10_acc'" in result.stdout, result.stdout[-2000:]
+    assert "'maxup/view_agreement'" in result.stdout, result.stdout[-2000:]
