@@ -287,6 +287,10 @@ class MultiView(Dataset):
         _register(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("evaluation", False)  # pickled before 0.4
+        state.setdefault("_warned_stale", False)
+        if state["_state"].numel() == 3:
+            state["_state"] = torch.cat([state["_state"], torch.zeros(1, dtype=torch.int64)]).share_memory_()
         self.__dict__.update(state)
         _register(self)  # a copy in a `ddp_spawn` rank is driven by that rank's MaxUp callback
 
