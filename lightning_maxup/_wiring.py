@@ -129,9 +129,7 @@ class MultiViewWiring:
     # ---------------------------------------------------------------------------------------------------------------
     def train_start(self, trainer: Any, module_m: int) -> None:
         """Find the training MultiViews, check them, and set them for the epoch that runs."""
-        pairs = [(dl, ds) for dl, ds in multiview_datasets(trainer.train_dataloader) if not ds.evaluation]
-        self.loaders = [dl for dl, _ in pairs]
-        self.datasets = [ds for _, ds in pairs]
+        self._find(trainer)
         epoch = int(trainer.current_epoch)
         for dataset in self.datasets:
             if dataset.m != module_m:
@@ -155,6 +153,8 @@ class MultiViewWiring:
     def epoch_start(self, trainer: Any, seed: int) -> None:
         """Before each later epoch's iterator: its epoch, view count and order."""
         epoch = int(trainer.current_epoch)
+        if self.datasets:  # again: `reload_dataloaders_every_n_epochs` gives new loaders (of the same datasets)
+            self._find(trainer)
         self._set(self.datasets, epoch)
         if self.datasets:
             self._fork_rng(seed, epoch)
@@ -175,6 +175,11 @@ class MultiViewWiring:
         self._samplers = []
 
     # ---------------------------------------------------------------------------------------------------------------
+    def _find(self, trainer: Any) -> None:
+        pairs = [(dl, ds) for dl, ds in multiview_datasets(trainer.train_dataloader) if not ds.evaluation]
+        self.loaders = [dl for dl, _ in pairs]
+        self.datasets = [ds for _, ds in pairs]
+
     def views(self, dataset: MultiView, epoch: int) -> int:
         return dataset.m if self.active(epoch) else 1
 
