@@ -12,12 +12,14 @@ callback can no longer disagree with ``MaxUp``.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections import namedtuple
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor
@@ -250,6 +252,11 @@ def test_maxup_callback_alone_on_two_ddp_spawn_ranks(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Resuming with the same dataset object (issue 20, item 7) and the deprecated schedule
 # ---------------------------------------------------------------------------------------------------------------
+class Pause(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        time.sleep(2.0)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings(RESUMING, STOPS_EARLY, FEW_WORKERS, "ignore:MultiViewSchedule is deprecated")
 @pytest.mark.parametrize("legacy", [pytest.param(True, id="0.3-wiring"), pytest.param(False, id="maxup-alone")])
@@ -264,7 +271,9 @@ def test_resume_from_the_warmup_with_the_same_dataset_makes_m_views_at_once(tmp_
 
     trainer(max_epochs=1, callbacks=callbacks(), enable_checkpointing=True).fit(Record(), loader)
     resumed = Record()
-    trainer(max_epochs=2, callbacks=callbacks(), enable_checkpointing=True).fit(
+    # The workers start prefetching when Lightning makes the iterator, before any callback's on_train_start; hold
+    # the training process there, so that they make their first items before a callback could still set them.
+    trainer(max_epochs=2, callbacks=[Pause(), *callbacks()], enable_checkpointing=True).fit(
         resumed, loader, ckpt_path=str(tmp_path / "last.ckpt")
     )
     assert [s["m"] for s in resumed.seen] == [M] * 6
