@@ -6,7 +6,7 @@
 Each training image is decoded once, in a worker, and turned into m views: a random-resized crop of the original
 image, a flip and RandAugment (torchvision v2), each drawn from (seed, epoch, index, copy). The batches arrive as
 ``Candidates`` of m x B rows; the module scores them as they are (its ``augment`` is None) and trains on each
-sample's worst. ``MultiViewSchedule`` keeps the loader's epoch and view count in step with the ``MaxUp`` callback.
+sample's worst. The ``MaxUp`` callback keeps the loader's epoch and view count in step with its warm-up.
 The YAML form of the same recipe is examples/configs/imagenet_multiview.yaml; docs/pipelines.md compares this with
 augmenting on the device.
 """
@@ -20,7 +20,7 @@ import argparse
 import pytorch_lightning as pl
 
 from lightning_maxup import MaxUp, MaxUpConfig
-from lightning_maxup.data import ImageNetMultiViewDataModule, MultiViewSchedule
+from lightning_maxup.data import ImageNetMultiViewDataModule
 from lightning_maxup.finetune import torchvision_model
 from lightning_maxup.models import MaxUpClassifier
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         limit_val_batches=1 if fake else 1.0,
         logger=not fake,
         enable_checkpointing=not fake,
-        callbacks=[MaxUp(warmup_epochs=1 if fake else args.warmup_epochs), MultiViewSchedule()],
+        callbacks=[MaxUp(warmup_epochs=1 if fake else args.warmup_epochs)],
     )
     trainer.fit(model, data)
     return trainer

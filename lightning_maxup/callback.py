@@ -10,6 +10,7 @@ from typing_extensions import override
 
 from lightning_maxup._lightning import Callback, rank_zero_info, rank_zero_warn
 from lightning_maxup._validation import non_negative_int
+from lightning_maxup._wiring import MultiViewWiring
 from lightning_maxup.config import MaxUpConfig
 from lightning_maxup.mixin import MaxUpMixin, require_maxup_module
 
@@ -37,6 +38,12 @@ class MaxUp(Callback):
     can never reach a MaxUp step (``max_epochs <= warmup_epochs``, or ``max_steps`` reached before the warm-up
     ends) warns once, naming the cause.
 
+    Wired once with :class:`~lightning_maxup.data.MultiView`: when the training loader holds a ``MultiView`` (copies
+    made in the workers), the callback sets its epoch and view count (one view per sample during the warm-up, ``m``
+    after it) before every epoch's first batch, resumed fits and persistent workers included, and replays a
+    ``shuffle=True`` loader's order on resume; no other callback, ``collate_fn`` or ``set_epoch`` is needed
+    (details: ``lightning_maxup._wiring``).
+
     Args:
         warmup_epochs: Epochs of ordinary augmentation (``m = 1``) before MaxUp starts.
         m: Copies per sample once MaxUp runs; ``None`` keeps the module's ``m``.
@@ -54,6 +61,9 @@ class MaxUp(Callback):
         ValueError: Expected `chunk_size` to be a positive integer or None, got 0
     """
 
+    #: Read by :class:`~lightning_maxup.MaxUpMixin`: this callback sets the epochs of loader-made candidates.
+    sets_multiview_epochs = True
+
     def __init__(
         self, warmup_epochs: int = 5, m: int | None = None, selection_size: int | None = None, **overrides: Any
     ) -> None:
@@ -63,6 +73,7 @@ class MaxUp(Callback):
         MaxUpConfig().replace(**self.overrides)  # validates names and values now, before training
         self._skip_warmup = False
         self._saved: tuple[MaxUpConfig, bool] | None = None
+        self._multiview = MultiViewWiring(self.active)
 
     @property
     def m(self) -> int | None:
@@ -88,9 +99,12 @@ class MaxUp(Callback):
             module.maxup_config = module.maxup_config.replace(**self.overrides)
         self._skip_warmup = bool(getattr(trainer, "fast_dev_run", False)) and self.warmup_epochs > 0
         self._apply(trainer, pl_module)
+        self._multiview.setup(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._multiview.end()
         if stage != "fit" or self._saved is None or not isinstance(pl_module, MaxUpMixin):
             return
         config, enabled = self._saved
@@ -105,7 +119,12 @@ class MaxUp(Callback):
         self.teardown(trainer, pl_module, "fit")
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._multiview.fit_start(require_maxup_module(pl_module, "MaxUp").maxup_resolved_seed())
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._multiview.train_start(trainer, require_maxup_module(pl_module, "MaxUp").maxup_config.m)
         if self._skip_warmup:
             rank_zero_info("MaxUp: `fast_dev_run` skips the warm-up, so the dev run exercises MaxUp steps")
             return
@@ -138,21 +157,29 @@ class MaxUp(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply(trainer, pl_module)
+        self._multiview.epoch_start(trainer, require_maxup_module(pl_module, "MaxUp").maxup_resolved_seed())
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._apply(trainer, pl_module)
+        self._multiview.batch_start()
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"warmup_epochs": self.warmup_epochs, "overrides": _plain(self.overrides)}
+        state = {"warmup_epochs": self.warmup_epochs, "overrides": _plain(self.overrides)}
+        multiview_epoch = self._multiview.state()
+        if multiview_epoch is not None:
+            state["multiview_epoch"] = multiview_epoch  # the epoch a resumed fit's first batches are made at
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {k: state_dict.get(k) for k in ("warmup_epochs", "overrides")}
-        if saved != self.state_dict():
+        self._multiview.load(state_dict.get("multiview_epoch"))
+        keys = ("warmup_epochs", "overrides")
+        saved = {k: state_dict.get(k) for k in keys}
+        if saved != {k: self.state_dict()[k] for k in keys}:
             rank_zero_warn(
                 f"The MaxUp callback was saved with {saved} and resumes with {self.state_dict()};"
                 " the new settings apply"

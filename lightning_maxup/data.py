@@ -1,24 +1,26 @@
 """Data: MaxUp copies made in the DataLoader workers, sample indices, and the bundled digits.
 
 * :class:`MultiView` and :func:`multiview_collate` (from :mod:`lightning_maxup.multiview`, which imports no
-  Lightning) make each sample's ``m`` views in the workers; the :class:`MultiViewSchedule` callback keeps their
-  epoch and view count in step with the trainer and the :class:`~lightning_maxup.MaxUp` warm-up.
+  Lightning) make each sample's ``m`` views in the workers; the :class:`~lightning_maxup.MaxUp` callback keeps
+  their epoch and view count in step with the trainer and its warm-up (:class:`MultiViewSchedule`, which did
+  this before 0.4, is deprecated).
 * :class:`IndexedDataset` appends each item's index, for ``randomness="sample"``.
 * scikit-learn's handwritten digits (1,797 real 8x8 images, shipped with the package, no download).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from typing_extensions import override
 
 from lightning_maxup._lightning import Callback, pl, rank_zero_warn
 from lightning_maxup._validation import non_negative_int, positive_int
+from lightning_maxup._wiring import check_same_seed, multiview_datasets
 from lightning_maxup.callback import MaxUp
 from lightning_maxup.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageNetDataModule
 from lightning_maxup.mixin import MaxUpMixin
@@ -39,26 +41,7 @@ __all__ = [
     "training_epoch",
 ]
 
-_DATASET_DEPTH = 8  # wrappers (Subset, IndexedDataset, ...) searched through for a MultiView
-
-
-def _multiview_datasets(dataloaders: Any) -> list[tuple[DataLoader, MultiView]]:
-    """Every ``(DataLoader, MultiView)`` pair in ``dataloaders``: the MultiView found through ``.dataset`` wrappers."""
-    found: list[tuple[DataLoader, MultiView]] = []
-
-    def visit(loader: DataLoader) -> DataLoader:
-        dataset: Any = loader.dataset
-        for _ in range(_DATASET_DEPTH):
-            if isinstance(dataset, MultiView):
-                found.append((loader, dataset))
-                break
-            dataset = getattr(dataset, "dataset", None)
-            if dataset is None:
-                break
-        return loader
-
-    apply_to_collection(dataloaders, DataLoader, visit)
-    return found
+_multiview_datasets = multiview_datasets  # the name before 0.4
 
 
 def training_epoch(trainer: Any) -> int:
@@ -77,37 +60,36 @@ def training_epoch(trainer: Any) -> int:
 
 
 class MultiViewSchedule(Callback):
-    """Keep every :class:`MultiView` of the training loader at the trainer's epoch and at the views MaxUp uses.
+    """Deprecated since 0.4: the :class:`~lightning_maxup.MaxUp` callback drives the training loader's MultiView.
 
-    At the start of every training epoch, the epoch and the view count (``m`` once MaxUp runs, 1 during the warm-up
-    of the :class:`~lightning_maxup.MaxUp` callback, so the warm-up does not pay for ``m`` transforms per sample)
-    are written to the datasets' shared state, which the workers read at every item, persistent or not. Lightning
-    makes each later epoch's DataLoader iterator after ``on_train_epoch_start``, so these epochs are made with the
-    new values from their first batch. The first epoch of a fit (fresh or resumed) is different: Lightning starts
-    its iterator, and the workers' prefetch, before any callback hook. A fresh fit's first batches are then made
-    at epoch 0 with ``m`` views, which training on copy 0 during the warm-up turns into the very same batches. A
-    resumed fit must be given its epoch before its loader is iterated: call
-    ``dataset.set_epoch(training_epoch(self.trainer))`` in ``train_dataloader()`` (the loop's state is restored by
-    then), as ``examples/imagenet_multiview.py`` does; this callback warns when it finds the epoch stale.
+    Beside a ``MaxUp`` callback this one does nothing but check that its ``warmup_epochs`` (when given) is the
+    ``MaxUp`` callback's: two warm-ups would make one-view batches for MaxUp steps. Without a ``MaxUp`` callback it
+    sets the epoch and ``m`` views at every epoch start, as before.
 
-    When training starts it checks, naming what it found: that the training loader holds a ``MultiView`` and
-    collates it with :func:`multiview_collate`; that the dataset's ``m`` is the module's MaxUp ``m``; and, with
-    several ranks, that all ranks use the same seed.
+    With several ranks, when training starts, it checks that every rank built the ``MultiView`` with rank 0's seed
+    and raises otherwise (it does not set rank 0's seed: the workers may have made batches with their own).
 
     Args:
         warmup_epochs: Epochs of one view before ``m``; ``None`` follows the trainer's ``MaxUp`` callback (or
             makes ``m`` views throughout when there is none).
 
     Example:
-        >>> MultiViewSchedule(warmup_epochs=2).views(epoch=1, m=4), MultiViewSchedule(warmup_epochs=2).views(2, 4)
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", DeprecationWarning)
+        ...     MultiViewSchedule(warmup_epochs=2).views(epoch=1, m=4), MultiViewSchedule(warmup_epochs=2).views(2, 4)
         (1, 4)
     """
 
-    #: Read by :class:`~lightning_maxup.MaxUpMixin`: loader-made candidates without a callback that sets the epoch
-    #: would repeat epoch 0's views in every epoch.
     sets_multiview_epochs = True
 
     def __init__(self, warmup_epochs: int | None = None) -> None:
+        warnings.warn(
+            "MultiViewSchedule is deprecated since lightning_maxup 0.4 and will be removed: the MaxUp callback now"
+            " sets the training MultiView's epoch and views; use Trainer(callbacks=[MaxUp(...)]) alone",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         self.warmup_epochs = None if warmup_epochs is None else non_negative_int(warmup_epochs, "warmup_epochs")
 
     def views(self, epoch: int, m: int, maxup: MaxUp | None = None, fast_dev_run: bool = False) -> int:
@@ -122,58 +104,60 @@ class MultiViewSchedule(Callback):
             return m
         return m if fast_dev_run or maxup.active(epoch) else 1
 
+    @staticmethod
+    def _maxup(trainer: _pl.Trainer) -> MaxUp | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, MaxUp)), None)  # type: ignore[attr-defined]
+
+    @override
+    def setup(self, trainer: _pl.Trainer, pl_module: _pl.LightningModule, stage: str) -> None:
+        maxup = self._maxup(trainer)
+        if stage == "fit" and maxup is not None and self.warmup_epochs not in (None, maxup.warmup_epochs):
+            raise ValueError(
+                f"MultiViewSchedule's `warmup_epochs`={self.warmup_epochs} differs from the MaxUp callback's"
+                f" `warmup_epochs`={maxup.warmup_epochs}: MaxUp steps would get one-view batches. Remove"
+                " MultiViewSchedule (the MaxUp callback sets the views now)"
+            )
+
     def _apply(self, trainer: _pl.Trainer, datasets: list[MultiView]) -> None:
-        maxup = next((cb for cb in trainer.callbacks if isinstance(cb, MaxUp)), None)  # type: ignore[attr-defined]
         epoch = int(trainer.current_epoch)
-        fast = bool(getattr(trainer, "fast_dev_run", False))
         for dataset in datasets:
             dataset.set_epoch(epoch)
-            dataset.set_views(self.views(epoch, dataset.m, maxup, fast))
+            dataset.set_views(self.views(epoch, dataset.m))
 
     def _datasets(self, trainer: _pl.Trainer) -> list[MultiView]:
-        pairs = _multiview_datasets(trainer.train_dataloader)
+        pairs = multiview_datasets(trainer.train_dataloader)
         if not pairs:
             raise ValueError(
                 "MultiViewSchedule found no MultiView in the training DataLoader(s), got"
                 f" {type(trainer.train_dataloader).__name__}; wrap the training dataset in"
                 " lightning_maxup.data.MultiView, or remove the callback"
             )
-        for loader, _ in pairs:
-            if loader.collate_fn is default_collate:
-                raise ValueError(
-                    "The training DataLoader holds a MultiView but collates with default_collate; pass"
-                    " `collate_fn`=dataset.collate_fn (lightning_maxup.data.multiview_collate)"
-                )
         return [dataset for _, dataset in pairs]
 
     @override
     def on_train_start(self, trainer: _pl.Trainer, pl_module: _pl.LightningModule) -> None:
         datasets = self._datasets(trainer)
+        if self._maxup(trainer) is not None:
+            return  # the MaxUp callback checks and sets them
         for dataset in datasets:
             if isinstance(pl_module, MaxUpMixin) and dataset.m != pl_module.maxup_config.m:
                 raise ValueError(
                     f"The training loader's MultiView makes `m`={dataset.m} views per sample, but the module's MaxUp"
                     f" `m` is {pl_module.maxup_config.m}; give both the same value"
                 )
-            if int(getattr(trainer, "world_size", 1)) > 1:
-                seed = int(trainer.strategy.broadcast(dataset.seed, src=0))
-                if seed != dataset.seed:
-                    raise ValueError(
-                        f"MultiView's seed differs across ranks ({dataset.seed} here, {seed} on rank 0): pass"
-                        " `seed`=... to MultiView or call seed_everything before building the dataset"
-                    )
+            check_same_seed(trainer, dataset)
             if dataset.epoch != trainer.current_epoch:
                 rank_zero_warn(
                     f"The training loader's first batches were made at epoch {dataset.epoch}, not the trainer's"
                     f" {trainer.current_epoch}: Lightning starts a resumed fit's loader before any callback hook;"
                     " call `dataset.set_epoch(lightning_maxup.data.training_epoch(self.trainer))` in train_dataloader()"
                 )
-        # A resumed mid-epoch fit skips `on_train_epoch_start`; the rest of its epoch uses what is set here.
         self._apply(trainer, datasets)
 
     @override
     def on_train_epoch_start(self, trainer: _pl.Trainer, pl_module: _pl.LightningModule) -> None:
-        self._apply(trainer, self._datasets(trainer))
+        if self._maxup(trainer) is None:
+            self._apply(trainer, self._datasets(trainer))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -332,8 +316,8 @@ class ImageNetMultiViewDataModule(ImageNetDataModule):
     :func:`multiview_pipeline` (random-resized crop from the original image, flip, RandAugment, normalisation),
     each keyed by ``(seed, epoch, index, copy)`` (:class:`MultiView`); batches are
     :class:`~lightning_maxup.batch.Candidates` of ``m * B`` rows, which the module scores as they are, so its MaxUp
-    ``augment`` is ``None``. Add :class:`MultiViewSchedule` to the trainer's callbacks (one view per sample during
-    the warm-up). Validation resizes and centre-crops as :class:`~lightning_maxup.datasets.ImageNetDataModule`.
+    ``augment`` is ``None``. The :class:`~lightning_maxup.MaxUp` callback sets the views (one per sample during the
+    warm-up). Validation resizes and centre-crops as :class:`~lightning_maxup.datasets.ImageNetDataModule`.
 
     Args:
         root: Directory with ``train`` and ``val`` subdirectories in ``ImageFolder`` layout.

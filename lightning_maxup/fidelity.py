@@ -20,7 +20,7 @@ from typing_extensions import override
 from lightning_maxup._lightning import Callback, rank_zero_warn
 from lightning_maxup._state import preserved
 from lightning_maxup._validation import positive_float, positive_int
-from lightning_maxup.batch import split_inputs
+from lightning_maxup.batch import Candidates, split_inputs
 from lightning_maxup.config import MaxUpConfig
 from lightning_maxup.metrics import ViewFidelity, WorstOfKAccuracy, full_input_losses, view_fidelity
 from lightning_maxup.mixin import MaxUpMixin, require_maxup_module
@@ -205,8 +205,14 @@ WorstOfKAccuracy`, computed (summed over ranks) and reset at the end of the epoc
     keyed by ``seed`` and the batch's position in the epoch, so every validation epoch (and a rerun) draws the
     same copies; only the model changes between epochs. Several validation dataloaders count as one set.
 
+    Copies made the way training makes them: with ``augment=None`` it scores the loader-made
+    :class:`~lightning_maxup.batch.Candidates` of a validation loader over ``MultiView(val_set, transform, k,
+    evaluation=True)`` as they are (keyed by ``(seed, index, copy)``, the same at every validation) and skips the
+    batches of any other validation loader, so a plain loader beside it keeps the ordinary metrics.
+
     Args:
-        augment: ``augment(batch, generator=...) -> batch``, called on the expanded ``(inputs, target)`` pair.
+        augment: ``augment(batch, generator=...) -> batch``, called on the expanded ``(inputs, target)`` pair;
+            ``None`` for loader-made copies (see above).
         k: Augmented copies per sample.
         seed: Base seed of the draws.
         predict: ``predict(pl_module, x) -> logits``; default ``pl_module(x)``.
@@ -221,7 +227,7 @@ WorstOfKAccuracy`, computed (summed over ranks) and reset at the end of the epoc
 
     def __init__(
         self,
-        augment: Callable[..., Any],
+        augment: Callable[..., Any] | None,
         k: int = 10,
         seed: int = 0,
         predict: Callable[[Any, Tensor], Tensor] | None = None,
@@ -248,6 +254,9 @@ WorstOfKAccuracy`, computed (summed over ranks) and reset at the end of the epoc
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if isinstance(batch, Candidates) or self.metric.augment is None:
+            self._update_candidates(pl_module, batch)
+            return
         x, y = split_inputs(batch)
         if y is None:
             raise ValueError(
@@ -258,6 +267,15 @@ WorstOfKAccuracy`, computed (summed over ranks) and reset at the end of the epoc
             self.metric.update(pl_module, x, y)
         else:
             self.metric.update(lambda inputs: predict(pl_module, inputs), x, y)
+
+    def _update_candidates(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        if not isinstance(batch, Candidates):
+            return  # another validation loader: with `augment=None` only the MultiView loader's batches count
+        predict = self.predict
+        if predict is None:
+            self.metric.update(pl_module, batch)
+        else:
+            self.metric.update(lambda inputs: predict(pl_module, inputs), batch)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

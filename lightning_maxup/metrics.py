@@ -6,7 +6,11 @@ counts as correct only when *all* ``k`` augmented copies are classified correctl
 landscape of spatial robustness" (ICML 2019) report it as "worst-of-10" accuracy over random rotations and
 translations; AugMax (Wang et al., NeurIPS 2021) validates on the same worst-of-k quantity.
 
-The ``k`` copies are built exactly as the MaxUp step builds its candidates: the batch is expanded copy-major
+The copies can come from the DataLoader, made the way training makes them: a validation loader over
+``MultiView(val_set, transform, k, evaluation=True)`` yields :class:`~lightning_maxup.batch.Candidates` of ``k * B``
+rows keyed by ``(seed, index, copy)``, which :func:`worst_of_k_correct_candidates` and
+``WorstOfKAccuracy.update(predict, candidates)`` score as they are. Otherwise the ``k`` copies are built exactly as
+the MaxUp step builds its candidates: the batch is expanded copy-major
 (row ``j * B + i`` is copy ``j`` of sample ``i``, :func:`~lightning_maxup.batch.expand_copies`) and the
 augmentation is called once on all ``k * B`` rows as ``augment(batch, generator=...)``. Everything runs without
 gradient.
@@ -34,7 +38,15 @@ from torchmetrics import Metric
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from lightning_maxup._validation import callable_or_none, optional_positive_int, positive_int
-from lightning_maxup.batch import batch_size, expand_copies, slice_rows, tensor_leaves, unwrap_shared
+from lightning_maxup.batch import (
+    Candidates,
+    batch_size,
+    expand_copies,
+    slice_rows,
+    split_inputs,
+    tensor_leaves,
+    unwrap_shared,
+)
 from lightning_maxup.config import MaxUpConfig
 from lightning_maxup.functional import augment_rows, check_losses, chunk_bounds, selection_losses
 from lightning_maxup.random import Generator, KeyedGenerator
@@ -47,6 +59,7 @@ __all__ = [
     "view_fidelity",
     "worst_of_k_accuracy",
     "worst_of_k_correct",
+    "worst_of_k_correct_candidates",
     "worst_of_k_loss",
     "worst_of_k_losses",
 ]
@@ -146,6 +159,43 @@ def worst_of_k_correct(
             hits.append(logits.argmax(dim=-1) == labels[lo:hi].to(logits.device))
         per_copy = hits[0] if len(hits) == 1 else torch.cat(hits)
     return per_copy.view(k, b).all(dim=0)
+
+
+def worst_of_k_correct_candidates(predict: Predict, candidates: Candidates, *, chunk_size: int | None = None) -> Tensor:
+    """Per sample, whether all copies of premade ``candidates`` are classified correctly (a bool tensor ``[B]``).
+
+    ``candidates.batch`` holds ``k * B`` rows, copy-major (a :class:`~lightning_maxup.multiview.MultiView` loader
+    makes them, with the training pipeline); its inputs and targets are found as the built-in augmentations find
+    them (:func:`~lightning_maxup.batch.split_inputs`: the inputs are the leaf with the most dimensions).
+
+    Args:
+        predict: Maps inputs ``[rows, ...]`` to logits ``[rows, C]``.
+        candidates: The ``k`` copies per sample and their class indices (``k * B`` rows each).
+        chunk_size: Rows per forward of ``predict`` (default: all ``k * B`` at once).
+
+    Example:
+        >>> net = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(2, 4), torch.tensor([0, 2])
+        >>> copies = Candidates((torch.cat([x, x + 0.1, x - 0.1]), y.repeat(3)), m=3)  # k=3 copies of 2 samples
+        >>> worst_of_k_correct_candidates(net, copies).shape
+        torch.Size([2])
+    """
+    _check_callable(predict, "predict")
+    _check_chunk_size(chunk_size)
+    if not isinstance(candidates, Candidates):
+        raise TypeError(f"Expected `candidates` to be Candidates (k * B rows), got {type(candidates).__name__}")
+    x, labels = split_inputs(candidates.batch)
+    if labels is None or labels.shape != x.shape[:1]:
+        got = "none" if labels is None else f"shape {list(labels.shape)}"
+        raise ValueError(f"Expected the candidates to hold one class per row (shape [{x.shape[0]}]), got {got}")
+    k, rows = candidates.m, int(x.shape[0])
+    with torch.no_grad():
+        hits = []
+        for lo, hi in chunk_bounds(rows, chunk_size):
+            logits = predict(x if hi - lo >= rows else x[lo:hi])
+            hits.append(logits.argmax(dim=-1) == labels[lo:hi].to(logits.device))
+        per_copy = hits[0] if len(hits) == 1 else torch.cat(hits)
+    return per_copy.view(k, rows // k).all(dim=0)
 
 
 def worst_of_k_accuracy(
@@ -257,8 +307,14 @@ class WorstOfKAccuracy(Metric):
     Without ``index``, ranks that are at the same update draw the same augmentation for the same row of their
     (different) batches; every sample still gets independent draws over its copies.
 
+    Copies made the way training makes them: ``update(predict, candidates)`` with the
+    :class:`~lightning_maxup.batch.Candidates` of a loader over ``MultiView(val_set, transform, k,
+    evaluation=True)`` scores the loader's ``k`` copies as they are (``augment`` may then be ``None``); their keys
+    ``(seed, index, copy)`` are fixed per sample, so an evaluation replays as well.
+
     Args:
         augment: ``augment(batch, generator=...) -> batch``; it receives the expanded ``(inputs, target)`` pair.
+            ``None`` when every update gets loader-made ``Candidates``.
         k: Augmented copies per sample (Engstrom et al. use 10).
         seed: Base seed of the copies' draws.
         chunk_size: Rows per forward of ``predict`` (default: all ``k * B`` at once).
@@ -282,10 +338,11 @@ class WorstOfKAccuracy(Metric):
     total: Tensor
 
     def __init__(
-        self, augment: Augment, k: int = 10, seed: int = 0, chunk_size: int | None = None, **kwargs: Any
+        self, augment: Augment | None, k: int = 10, seed: int = 0, chunk_size: int | None = None, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        _check_callable(augment, "augment")
+        if augment is not None:
+            _check_callable(augment, "augment")
         self.k = _check_k(k)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"Expected `seed` to be an integer, got {seed!r}")
@@ -309,15 +366,26 @@ class WorstOfKAccuracy(Metric):
             keys = torch.cat([torch.full((self.k * b, 1), -1, device=device), copy_keys(rows, self.k)], 1)
         return KeyedGenerator(self.seed, keys)
 
-    def update(self, predict: Predict, batch_x: Tensor, target: Tensor, index: Tensor | None = None) -> None:
+    def update(
+        self, predict: Predict, batch_x: Tensor | Candidates, target: Tensor | None = None, index: Tensor | None = None
+    ) -> None:
         """Classify ``k`` augmented copies of each sample of ``batch_x`` with ``predict`` and count the survivors.
 
         Args:
             predict: Maps inputs to logits ``[rows, C]``; called without gradient.
-            batch_x: Inputs ``[B, ...]``.
-            target: Class indices ``[B]``.
+            batch_x: Inputs ``[B, ...]``, or loader-made ``Candidates`` of ``k * B`` rows (inputs and targets).
+            target: Class indices ``[B]`` (none with ``Candidates``).
             index: Optional dataset indices ``[B]`` keying the draws per sample (see the class docstring).
         """
+        if isinstance(batch_x, Candidates):
+            self._update_candidates(predict, batch_x, target)
+            return
+        if self.augment is None or target is None:
+            what = "`augment` is None" if self.augment is None else "no `target` was given"
+            raise ValueError(
+                f"WorstOfKAccuracy.update got a plain batch but {what}: pass Candidates from a MultiView loader, or"
+                " construct the metric with an `augment` and pass `target`"
+            )
         generator = self.generator(batch_x, index)
         self.num_updates += 1
         ok = worst_of_k_correct(
@@ -327,7 +395,23 @@ class WorstOfKAccuracy(Metric):
         self.total += ok.numel()
         self._batch_correct = ok
 
-    def forward(self, predict: Predict, batch_x: Tensor, target: Tensor, index: Tensor | None = None) -> Tensor:
+    def _update_candidates(self, predict: Predict, candidates: Candidates, target: Tensor | None) -> None:
+        if target is not None:
+            raise ValueError("Expected no `target` with Candidates (their batch holds the targets), got a tensor")
+        if candidates.m != self.k:
+            raise ValueError(
+                f"The batch holds Candidates with {candidates.m} copies per sample, but the metric's `k` is"
+                f" {self.k}; make them agree (MultiView(val_set, transform, {self.k}, evaluation=True))"
+            )
+        self.num_updates += 1
+        ok = worst_of_k_correct_candidates(predict, candidates, chunk_size=self.chunk_size)
+        self.correct += ok.sum()
+        self.total += ok.numel()
+        self._batch_correct = ok
+
+    def forward(
+        self, predict: Predict, batch_x: Tensor | Candidates, target: Tensor | None = None, index: Tensor | None = None
+    ) -> Tensor:
         """Update with this batch and return the batch's own worst-of-k accuracy.
 
         Unlike ``Metric.forward``, the batch is evaluated once: torchmetrics' default would reset the draws' update

@@ -446,9 +446,9 @@ class MaxUpMixin:
         if isinstance(batch, Candidates) and not any(getattr(c, "sets_multiview_epochs", False) for c in callbacks):
             self._maxup_warn_once(
                 "multiview",
-                "The batches hold loader-made Candidates but the Trainer has no MultiViewSchedule callback: a"
-                " MultiView dataset then makes epoch 0's views in every epoch, and m views during the warm-up; add"
-                " lightning_maxup.data.MultiViewSchedule() to the callbacks",
+                "The batches hold loader-made Candidates but the Trainer has no MaxUp callback: a MultiView dataset"
+                " then makes epoch 0's views in every epoch, and m views during the warm-up; add"
+                " lightning_maxup.MaxUp(...) to the callbacks (it sets the MultiView's epoch and views)",
             )
 
     @torch.compiler.disable

@@ -14,15 +14,17 @@ is decoded, in the DataLoader workers, as DINO's multi-crop and SimCLR's two vie
   :func:`~lightning_maxup.maxup_step` and :class:`~lightning_maxup.MaxUpMixin` score as they are.
 
 The epoch and the number of views live in a small shared-memory tensor that the workers read at every item, so a
-callback in the training process (:class:`~lightning_maxup.data.MultiViewSchedule`) can switch them per epoch, with
-persistent workers too: one view per sample during MaxUp's warm-up, ``m`` after it. This module imports no
-Lightning.
+callback in the training process (the :class:`~lightning_maxup.MaxUp` callback) can switch them per epoch, with
+persistent workers too: one view per sample during MaxUp's warm-up, ``m`` after it. Items are marked so that
+torch's ``default_collate`` collates them as :func:`multiview_collate` does. This module imports no Lightning.
 """
 
 from __future__ import annotations
 
 import random
 import sys
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -30,7 +32,8 @@ from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
+from torch.utils.data._utils.collate import default_collate_fn_map
 
 from lightning_maxup.batch import Candidates
 from lightning_maxup.random import mix_seed, resolve_seed
@@ -38,7 +41,10 @@ from lightning_maxup.random import mix_seed, resolve_seed
 __all__ = ["MultiView", "multiview_collate"]
 
 InputKey = int | str
-_SEED, _EPOCH, _VIEWS = 0, 1, 2
+_SEED, _EPOCH, _VIEWS, _SERVED = 0, 1, 2, 3
+#: Items a pass may serve beyond ``len(dataset)`` before MultiView warns that its epoch was never advanced (covers a
+#: ``DistributedSampler``'s padding on ranks that share the state).
+_SERVED_SLACK = 64
 
 
 def _check_input_key(input_key: Any) -> InputKey:
@@ -69,9 +75,94 @@ def _set_input(item: Any, input_key: InputKey, value: Any) -> Any:
         fields = list(item)
         fields[input_key] = value  # type: ignore[index]
         if hasattr(item, "_fields"):  # a namedtuple
-            return type(item)(*fields)
+            return _plain_type(item)(*fields)
         return tuple(fields) if isinstance(item, tuple) else fields
     return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Items that torch's ``default_collate`` turns into Candidates
+# ---------------------------------------------------------------------------------------------------------------
+class _ViewItem:
+    """Marks an item made by :class:`MultiView`, which ``default_collate`` collates with :func:`multiview_collate`.
+
+    The item types below are registered in torch's ``default_collate_fn_map``, the documented way to extend
+    ``default_collate``. ``_input_key`` says which field holds the views.
+    """
+
+    _input_key: InputKey = 0
+
+
+class _ViewTuple(tuple, _ViewItem):  # type: ignore[type-arg]
+    """A tuple item of a MultiView: unpacks and compares as the plain tuple."""
+
+
+class _ViewList(list, _ViewItem):  # type: ignore[type-arg]
+    """A list item of a MultiView."""
+
+
+class _ViewDict(dict, _ViewItem):  # type: ignore[type-arg]
+    """A dict item of a MultiView."""
+
+
+class _ViewTensor(Tensor, _ViewItem):
+    """The ``[views, ...]`` tensor of a MultiView whose items are their input alone."""
+
+
+_NAMEDTUPLE_VIEWS: dict[type, type] = {}
+
+
+def _namedtuple_view_type(like: type) -> type:
+    """A subclass of the namedtuple ``like`` marked as a MultiView item (made once per type; pickled via ``like``)."""
+    cls = _NAMEDTUPLE_VIEWS.get(like)
+    if cls is None:
+
+        def reduce(self: Any) -> tuple[Any, ...]:
+            return _make_namedtuple_view, (like, tuple(self), self._input_key)
+
+        cls = type(like.__name__, (like, _ViewItem), {"__reduce__": reduce, "__module__": like.__module__})
+        _NAMEDTUPLE_VIEWS[like] = cls
+    return cls
+
+
+def _make_namedtuple_view(like: type, fields: tuple[Any, ...], input_key: InputKey) -> Any:
+    item = _namedtuple_view_type(like)(*fields)
+    item._input_key = input_key
+    return item
+
+
+def _plain_type(item: Any) -> type:
+    """The user's item type behind a marked item (``_ViewTuple`` -> ``tuple``, a marked namedtuple -> its type)."""
+    cls = type(item)
+    return cls.__mro__[1] if isinstance(item, _ViewItem) else cls
+
+
+def _mark(item: Any, input_key: InputKey) -> Any:
+    """``item`` as a marked MultiView item of the same kind, for ``default_collate``."""
+    marked: Any
+    if isinstance(item, Mapping):
+        marked = _ViewDict(item)
+    elif isinstance(item, tuple) and hasattr(item, "_fields"):
+        marked = _namedtuple_view_type(type(item))(*item)
+    elif isinstance(item, tuple):
+        marked = _ViewTuple(item)
+    elif isinstance(item, list):
+        marked = _ViewList(item)
+    else:
+        marked = item.as_subclass(_ViewTensor)
+    marked._input_key = input_key
+    return marked
+
+
+def _collate_view_items(batch: list[Any], *, collate_fn_map: Any = None) -> Candidates:
+    """``default_collate``'s handler for MultiView items: :func:`multiview_collate`."""
+    return multiview_collate(batch, batch[0]._input_key)
+
+
+def _register_default_collate() -> None:
+    # `_ViewItem` covers the namedtuple subclasses (found by isinstance after the exact-type look-up fails).
+    for cls in (_ViewTuple, _ViewList, _ViewDict, _ViewTensor, _ViewItem):
+        default_collate_fn_map[cls] = _collate_view_items
 
 
 @contextmanager
@@ -114,9 +205,17 @@ class MultiView(Dataset):
     sampler or the world size; and copy 0 does not depend on how many views are made. In the training process
     (``num_workers=0``) the three global states are restored afterwards; in a worker they are left seeded.
 
-    Use it with :func:`multiview_collate` (``DataLoader(ds, collate_fn=ds.collate_fn)``) and, under Lightning,
-    the :class:`~lightning_maxup.data.MultiViewSchedule` callback, which sets the epoch and switches to one view
-    during MaxUp's warm-up. In a plain loop call :meth:`set_epoch` at every epoch, as for a ``DistributedSampler``.
+    Wired once: a plain ``DataLoader(ds, batch_size, shuffle=True, num_workers=...)`` needs no ``collate_fn``
+    (an item is marked as a MultiView item, and torch's ``default_collate`` lays a list of them out as
+    :func:`multiview_collate` does, into :class:`~lightning_maxup.batch.Candidates`), and under Lightning the
+    :class:`~lightning_maxup.MaxUp` callback finds the MultiView in the training loader and sets its epoch and
+    view count (one view during the warm-up, ``m`` after it) before each epoch's first batch, resumed fits and
+    persistent workers included. In a plain loop call :meth:`set_epoch` at every epoch, as for a
+    ``DistributedSampler``; a pass that makes more than ``len(dataset)`` (+64) items at one epoch warns that the
+    views repeat. ``DataLoader(ds, collate_fn=ds.collate_fn)`` gives the same batches.
+
+    For evaluation (worst-of-k accuracy over the training pipeline's copies) pass ``evaluation=True``: the copies
+    are keyed by ``(seed, 0, index, copy)`` at every pass, so an evaluation replays, and no callback changes them.
 
     Args:
         dataset: A map-style dataset (``__getitem__`` and ``__len__``); decoding happens in its ``__getitem__``.
@@ -126,10 +225,13 @@ class MultiView(Dataset):
         input_key: Which field of an item is the input: a position in a tuple or list item, a key of a dict
             item; an item of any other type is the input itself.
         seed: Base seed of the views; ``None`` takes ``seed_everything``'s seed (``PL_GLOBAL_SEED``) or this
-            process's ``torch.initial_seed()`` (``MultiViewSchedule`` gives every rank rank 0's).
+            process's ``torch.initial_seed()``. Under DDP every rank must build the dataset with the same seed:
+            when training starts the ``MaxUp`` callback compares each rank's with rank 0's and raises if they
+            differ (it does not overwrite them: the workers may have made batches with it already).
         clone: Hand ``transform`` a copy of a tensor or array input for every view.
         reseed: Also called with each view's seed before ``transform``, for libraries with their own generators
             (albumentations 2: ``lambda s: pipeline.set_random_seed(s % 2**32)``).
+        evaluation: Fixed copies for evaluation: epoch 0 always, ``m`` views always, never driven by a callback.
 
     Example:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -137,7 +239,7 @@ class MultiView(Dataset):
         >>> x, y = ds[2]
         >>> x.shape, int(y)
         (torch.Size([4, 3]), 2)
-        >>> batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=ds.collate_fn)))
+        >>> batch = next(iter(DataLoader(ds, batch_size=2)))  # default_collate makes Candidates
         >>> batch.m, batch.batch[0].shape, batch.batch[1].tolist()
         (4, torch.Size([8, 3]), [0, 1, 0, 1, 0, 1, 0, 1])
     """
@@ -152,10 +254,15 @@ class MultiView(Dataset):
         seed: int | None = None,
         clone: bool = True,
         reseed: Callable[[int], Any] | None = None,
+        evaluation: bool = False,
     ) -> None:
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        iterable = isinstance(dataset, IterableDataset)
+        if iterable or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            kind = "an IterableDataset" if iterable else type(dataset).__name__
             raise TypeError(
-                f"Expected `dataset` to be a map-style dataset (__getitem__ and __len__), got {type(dataset).__name__}"
+                "Expected `dataset` to be a map-style dataset (__getitem__ and __len__, items fetched by index), got"
+                f" {kind} ({type(dataset).__name__}); a view is keyed by the sample's index, which an IterableDataset"
+                " does not give"
             )
         if not callable(transform):
             raise TypeError(f"Expected `transform` to be callable, got {transform!r}")
@@ -171,9 +278,21 @@ class MultiView(Dataset):
         self.input_key = _check_input_key(input_key)
         self.clone = bool(clone)
         self.reseed = reseed
-        # (seed, epoch, views) in shared memory: DataLoader workers, persistent or not, forked or spawned, read
-        # what the training process writes; ranks launched by `ddp_spawn` share it too (and write the same values).
-        self._state = torch.tensor([resolve_seed(seed) & ((1 << 63) - 1), 0, m], dtype=torch.int64).share_memory_()
+        self.evaluation = bool(evaluation)
+        # (seed, epoch, views, items served at this epoch) in shared memory: DataLoader workers, persistent or not,
+        # forked or spawned, read what the training process writes; ranks launched by `ddp_spawn` share it too (and
+        # write the same values).
+        self._state = torch.tensor([resolve_seed(seed) & ((1 << 63) - 1), 0, m, 0], dtype=torch.int64).share_memory_()
+        self._warned_stale = False
+        _register(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("evaluation", False)  # pickled before 0.4
+        state.setdefault("_warned_stale", False)
+        if state["_state"].numel() == 3:
+            state["_state"] = torch.cat([state["_state"], torch.zeros(1, dtype=torch.int64)]).share_memory_()
+        self.__dict__.update(state)
+        _register(self)  # a copy in a `ddp_spawn` rank is driven by that rank's MaxUp callback
 
     # ---------------------------------------------------------------------------------------------------------------
     # The state the training process sets and the workers read
@@ -194,16 +313,25 @@ class MultiView(Dataset):
         return int(self._state[_VIEWS])
 
     def set_seed(self, seed: int) -> None:
-        """Set the base seed (``MultiViewSchedule`` sets rank 0's on every rank)."""
+        """Set the base seed; before the loader is iterated (the workers read it at every item)."""
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Expected `seed` to be an integer, got {seed!r}")
         self._state[_SEED] = seed & ((1 << 63) - 1)
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the views' key; call it before the epoch's DataLoader iterator is made."""
+        """Set the epoch of the views' key; call it before the epoch's DataLoader iterator is made.
+
+        Under Lightning the :class:`~lightning_maxup.MaxUp` callback calls it; in a plain loop call it at every epoch,
+        as for a ``DistributedSampler``. An evaluation MultiView keeps epoch 0 and refuses any other.
+        """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"Expected `epoch` to be a non-negative integer, got {epoch!r}")
+        if self.evaluation and epoch != 0:
+            raise ValueError(
+                f"Expected `epoch`=0 for an evaluation MultiView (its copies are fixed per sample), got {epoch}"
+            )
         self._state[_EPOCH] = epoch
+        self._state[_SERVED] = 0
 
     def set_views(self, views: int) -> None:
         """Make ``views`` views per item from now on: 1 (warm-up, ordinary augmentation) or ``m``."""
@@ -223,9 +351,26 @@ class MultiView(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        seed, epoch, views = self._state.tolist()  # one snapshot per item
+        seed, epoch, views, served = self._state.tolist()  # one snapshot per item
+        if not self.evaluation:
+            self._count_served(served, epoch)
         item = self.dataset[index]
-        return _set_input(item, self.input_key, self._make(_get_input(item, self.input_key), index, seed, epoch, views))
+        views_of_input = self._make(_get_input(item, self.input_key), index, seed, epoch, views)
+        return _mark(_set_input(item, self.input_key, views_of_input), self.input_key)
+
+    def _count_served(self, served: int, epoch: int) -> None:
+        """Count the items made at this epoch; warn once when a second pass would repeat the epoch's views."""
+        self._state[_SERVED] += 1  # not atomic across workers: an undercount only delays the warning
+        if served >= len(self) + _SERVED_SLACK and not self._warned_stale:
+            self._warned_stale = True
+            warnings.warn(
+                f"MultiView has made {served + 1} items at epoch {epoch} for a dataset of {len(self)} samples: a"
+                " second pass over the data is repeating the first pass's views. Call `dataset.set_epoch(epoch)` at"
+                " every epoch of a plain loop (the MaxUp callback does it under Lightning), or pass"
+                " `evaluation=True` for copies that are fixed on purpose",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def make_views(self, x: Any, index: int, epoch: int | None = None, views: int | None = None) -> Tensor:
         """The ``[views, ...]`` tensor of views of input ``x`` of sample ``index`` (defaults: the current state).
@@ -314,6 +459,7 @@ def multiview_collate(items: Sequence[Any], input_key: InputKey = 0) -> Candidat
         raise ValueError("Expected `items` to hold at least one item, got an empty list")
     inputs = [_get_input(item, input_key) for item in items]
     views = _check_views(inputs)
+    inputs = [x.as_subclass(Tensor) if isinstance(x, _ViewTensor) else x for x in inputs]
     x = torch.stack([v[:views] for v in inputs], dim=1)  # [views, B, ...]: copy-major once flattened
     x = x.reshape(views * len(items), *x.shape[2:])
     first = items[0]
@@ -330,7 +476,7 @@ def multiview_collate(items: Sequence[Any], input_key: InputKey = 0) -> Candidat
 
 def _rebuild(like: tuple[Any, ...] | list[Any], columns: list[Any]) -> Any:
     if hasattr(like, "_fields"):
-        return type(like)(*columns)
+        return _plain_type(like)(*columns)
     return tuple(columns) if isinstance(like, tuple) else columns
 
 
@@ -357,3 +503,20 @@ def _expand(collated: Any, views: int) -> Any:
     return apply_to_collection(
         collated, Tensor, lambda t: t.repeat(views, *([1] * (t.dim() - 1))) if t.dim() > 0 else t
     )
+
+
+_register_default_collate()
+
+#: The training MultiViews alive in this process, which the MaxUp callback sets before a fit's first loader
+#: iterator exists (Lightning makes it, and the workers start prefetching, before any callback hook sees a loader).
+_LIVE: weakref.WeakSet[MultiView] = weakref.WeakSet()
+
+
+def _register(dataset: MultiView) -> None:
+    if not getattr(dataset, "evaluation", False):
+        _LIVE.add(dataset)
+
+
+def live_training_multiviews() -> list[MultiView]:
+    """The MultiViews of this process that are not ``evaluation=True`` (for the MaxUp callback)."""
+    return [d for d in list(_LIVE) if not d.evaluation]
