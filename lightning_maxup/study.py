@@ -1071,7 +1071,8 @@ def run_study(
     cells = make_cells(m, temperature, selection_size)
     if not report_only:
         # The config's errors, and a model that is not a MaxUp module, before any fit.
-        first = build_cli(fit_args(plan.config, plan.overrides, seeds[0], plan.out / "fits", data_seed=False))
+        with quiet_lightning():
+            first = build_cli(fit_args(plan.config, plan.overrides, seeds[0], plan.out / "fits", data_seed=False))
         require_maxup_model(first.model, plan.config)
         metric = _resolve_metric(first, metric, plan.config)
         plan = dataclasses.replace(plan, data_seed=_takes_seed(first.datamodule))
