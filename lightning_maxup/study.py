@@ -66,28 +66,49 @@ from lightning_maxup.metrics import WorstOfKAccuracy
 from lightning_maxup.mixin import MaxUpMixin
 
 __all__ = [
+    "GAIN_PLOT",
+    "REPORT",
+    "RESULTS",
+    "SWEPT",
+    "TEST_RESULTS",
     "Cell",
     "PairedDifference",
     "Plan",
+    "Row",
     "StudyResult",
     "append_record",
     "build_cli",
+    "check_writable",
+    "choose_cells",
     "compare_by_seed",
+    "fit_args",
     "format_report",
+    "format_rows",
+    "higher_is_better",
     "main",
     "make_cells",
+    "monitored_metrics",
     "paired_difference",
     "paired_interval",
     "plan_fits",
+    "plot_gains",
+    "quiet_lightning",
     "read_records",
+    "report_rows",
+    "require_maxup_model",
     "run_fit",
     "run_study",
     "wilson_interval",
+    "worst_of_k_score",
 ]
 
+#: One JSON line per finished fit, in the study's folder.
 RESULTS = "results.jsonl"
+#: One JSON line per model scored on the test split (``--test``).
 TEST_RESULTS = "test.jsonl"
+#: The report, in markdown.
 REPORT = "report.md"
+#: The heat map of the paired differences.
 GAIN_PLOT = "gain.png"
 #: The MaxUp options a study sweeps besides ``m``, in the order of a cell's key, with their labels.
 SWEPT = ("selection_temperature", "selection_size")
@@ -346,7 +367,7 @@ def append_record(path: Path, record: Mapping[str, Any]) -> None:
         >>> path = Path(tempfile.mkdtemp()) / "results.jsonl"
         >>> append_record(path, {"seed": 0}); append_record(path, {"seed": 1})
         >>> path.read_text()
-        '{"seed": 0}\\n{"seed": 1}\\n'
+        '{"seed": 0}\n{"seed": 1}\n'
     """
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -373,7 +394,7 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
     Example:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "results.jsonl"
-        >>> _ = path.write_text('{"seed": 0}\\n{"seed": 1, "met')
+        >>> _ = path.write_text('{"seed": 0}\n{"seed": 1, "met')
         >>> read_records(path)
         ([{'seed': 0}], 1)
     """
@@ -425,6 +446,12 @@ def build_cli(args: Sequence[str]) -> Any:
 
     Raises:
         jsonargparse.ArgumentError: On a malformed or invalid configuration.
+
+    Example:
+        >>> with quiet_lightning():
+        ...     cli = build_cli(["--config", "examples/configs/digits.yaml", "--trainer.logger=false"])
+        >>> type(cli.model).__name__, cli.trainer.max_epochs
+        ('MaxUpClassifier', 30)
     """
     import importlib
 
@@ -457,7 +484,13 @@ def _takes_seed(datamodule: Any) -> bool:
 
 
 def monitored_metrics(trainer: Any) -> dict[str, str]:
-    """``{metric: "min" or "max"}`` of the trainer's ``ModelCheckpoint`` and ``EarlyStopping`` callbacks."""
+    """``{metric: "min" or "max"}`` of the trainer's ``ModelCheckpoint`` and ``EarlyStopping`` callbacks.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> monitored_metrics(SimpleNamespace(callbacks=[SimpleNamespace(monitor="val/acc", mode="max")]))
+        {'val/acc': 'max'}
+    """
     out: dict[str, str] = {}
     for cb in trainer.callbacks:
         monitor, mode = getattr(cb, "monitor", None), getattr(cb, "mode", None)
@@ -481,7 +514,14 @@ def higher_is_better(metric: str, monitors: Mapping[str, str]) -> bool:
 
 
 def require_maxup_model(model: Any, config: Any) -> MaxUpMixin:
-    """``model`` if it is a :class:`~lightning_maxup.MaxUpMixin` module, else a ``TypeError`` naming the config."""
+    """``model`` if it is a :class:`~lightning_maxup.MaxUpMixin` module, else a ``TypeError`` naming the config.
+
+    Example:
+        >>> require_maxup_model(torch.nn.Linear(2, 2), "my.yaml")
+        Traceback (most recent call last):
+        ...
+        TypeError: The model of `--config` my.yaml is Linear, not a MaxUpMixin module: a study compares MaxUp ...
+    """
     if not isinstance(model, MaxUpMixin):
         raise TypeError(
             f"The model of `--config` {config} is {type(model).__name__}, not a MaxUpMixin module: a study compares"
@@ -522,7 +562,13 @@ def fit_args(config: str | Path, overrides: Sequence[str], seed: int, root: Path
 
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
-    """Silence the Trainer's per-fit banners and the warnings that say nothing about the study."""
+    """Silence the Trainer's per-fit banners and the warnings that say nothing about the study.
+
+    Example:
+        >>> with quiet_lightning():
+        ...     logging.getLogger("pytorch_lightning").level == logging.WARNING
+        True
+    """
     loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")]
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
@@ -550,6 +596,14 @@ def worst_of_k_score(model: Any, loader: Any, augment: Any, k: int, seed: int = 
 
     :class:`~lightning_maxup.metrics.WorstOfKAccuracy` seeded with ``seed``: every model scored over the same
     loader sees the same ``k`` copies of each sample.
+
+    Example:
+        >>> from lightning_maxup.augment import GaussianNoise
+        >>> net = torch.nn.Linear(4, 3)
+        >>> net.device = torch.device("cpu")
+        >>> loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+        >>> 0.0 <= worst_of_k_score(net, loader, GaussianNoise(0.1), k=4) <= 1.0
+        True
     """
     metric = WorstOfKAccuracy(augment, k=k, seed=seed).to(model.device)
     was_training = model.training
@@ -622,6 +676,11 @@ def run_fit(plan: Plan, cell: Cell, seed: int, callbacks: Sequence[Any] = ()) ->
     """Fit ``cell`` at ``seed``, score it on the validation split, keep its final weights; return its record.
 
     ``callbacks`` are added to the trainer's (a test watches the warm-up this way).
+
+    Example:
+        >>> plan = Plan(Path("examples/configs/digits.yaml"), Path("study"), ("--trainer.max_epochs=1",))
+        >>> plan.fit_dir(Cell(4), 0).as_posix()  # run_fit(plan, Cell(4), 0) trains here and returns its record
+        'study/fits/m4/seed-0'
     """
     start = time.perf_counter()
     cli = plan.build(cell, seed)
@@ -688,7 +747,24 @@ def _values(fits: Mapping[tuple[str, int], Mapping[str, Any]], cell: Cell, metri
 def report_rows(
     records: Sequence[Mapping[str, Any]], cells: Sequence[Cell], metrics: Sequence[str], monitors: Mapping[str, str]
 ) -> list[Row]:
-    """Per MaxUp cell and metric, the paired difference with the baseline over the seeds both have."""
+    """Per MaxUp cell and metric, the paired difference with the baseline over the seeds both have.
+
+    Example:
+        >>> cells = make_cells([1, 2])
+        >>> records = [
+        ...     {"cell": c.to_json(), "seed": s, "metrics": {"val/acc": 0.9 + 0.01 * s * (c.m - 1)}}
+        ...     for c in cells for s in range(3)
+        ... ]
+        >>> row = report_rows(records, cells, ["val/acc"], {})[0]
+        >>> row.cell.label, str(row.difference), row.difference.wins, row.difference.ties
+        ('m=2', '+1.00 ± 2.48', 2, 1)
+        >>> format_rows([row], cost=False).splitlines()[-1].split(" | ")[5:]
+        ['+1.00 ± 2.48 points', '2 of 3 (1 tie)', '0.83 [0.31, 0.98]', 'no difference shown |']
+        >>> choose_cells(records, cells, "val/acc", worst_of_k=0)
+        [(Cell(m=2, options=()), 'largest mean validation gain in val/acc (+1.00 points, no difference shown)')]
+        >>> "| m=2 | val/acc | 3 |" in format_report(records, cells, [0, 1, 2], "val/acc", worst_of_k=0)
+        True
+    """
     fits = _by_fit(records)
     rows = []
     for cell in (c for c in cells if c.m > 1):
@@ -718,7 +794,12 @@ def _num(value: float, scale: float, sign: bool = False) -> str:
 
 
 def format_rows(rows: Sequence[Row], cost: bool = True) -> str:
-    """The report's markdown table (``cost``: a column of mean seconds per fit, baseline and MaxUp)."""
+    """The report's markdown table (``cost``: a column of mean seconds per fit, baseline and MaxUp).
+
+    Example:
+        >>> format_rows([]).splitlines()[1]
+        '|---|---|---|---|---|---|---|---|---|---|'
+    """
     head = (
         "| cell | metric | seeds | baseline | MaxUp | MaxUp − baseline (95 % t-interval) | MaxUp better on"
         " | P(MaxUp better on a new seed) (95 % Wilson) | verdict |"
@@ -731,13 +812,17 @@ def format_rows(rows: Sequence[Row], cost: bool = True) -> str:
         unit = " points" if r.scale != 1.0 else ""
         line = (
             f"| {r.cell.label} | {r.metric} | {d.seeds} | {_num(r.baseline, r.scale)} | {_num(r.maxup, r.scale)}"
-            f" | {_num(d.mean, r.scale, sign=True)} ± {half}{unit} | {d.wins} of {d.seeds}"
+            f" | {_num(d.mean, r.scale, sign=True)} ± {half}{unit} | {d.wins} of {d.seeds}{_ties(d)}"
             f" | {d.probability:.2f} [{low:.2f}, {high:.2f}] | {d.verdict} |"
         )
         if cost:
             line += f" {r.seconds[0]:.1f} s, {r.seconds[1]:.1f} s |"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _ties(d: PairedDifference) -> str:
+    return f" ({d.ties} tie{'s' if d.ties > 1 else ''})" if d.ties else ""
 
 
 def _missing(cells: Sequence[Cell], seeds: Sequence[int], fits: Mapping[tuple[str, int], Any]) -> list[str]:
@@ -754,7 +839,12 @@ def format_report(
     test_records: Sequence[Mapping[str, Any]] = (),
     chosen: Sequence[tuple[Cell, str]] = (),
 ) -> str:
-    """The markdown report: a function of the records alone, so merged shards report what one run reports."""
+    """The markdown report: a function of the records alone, so merged shards report what one run reports.
+
+    Example:
+        >>> format_report([], make_cells([1, 2]), [0, 1], "val/acc", 8).splitlines()[0]
+        '# MaxUp study'
+    """
     fits = _by_fit(records)
     monitors: dict[str, str] = {}
     for r in records:
@@ -809,7 +899,12 @@ def _test_section(
 def choose_cells(
     records: Sequence[Mapping[str, Any]], cells: Sequence[Cell], metric: str, worst_of_k: int
 ) -> list[tuple[Cell, str]]:
-    """The cells with the largest validation gain in ``metric`` and in worst-of-k accuracy, with the reason."""
+    """The cells with the largest validation gain in ``metric`` and in worst-of-k accuracy, with the reason.
+
+    Example:
+        >>> choose_cells([], make_cells([1, 2]), "val/acc", 8)
+        []
+    """
     monitors: dict[str, str] = {}
     for r in records:
         monitors.update(r.get("monitors") or {})
@@ -822,8 +917,8 @@ def choose_cells(
         sign = 1.0 if higher_is_better(name, monitors) else -1.0
         best = max(rows, key=lambda r: sign * r.difference.mean)
         chosen.setdefault(best.cell, []).append(
-            f"largest mean validation gain in {name} ({_num(best.difference.mean, best.scale, sign=True)},"
-            f" {best.difference.verdict})"
+            f"largest mean validation gain in {name} ({_num(best.difference.mean, best.scale, sign=True)}"
+            f"{' points' if best.scale != 1.0 else ''}, {best.difference.verdict})"
         )
     return [(cell, "; ".join(why)) for cell, why in chosen.items()]
 
@@ -831,7 +926,14 @@ def choose_cells(
 def plot_gains(
     records: Sequence[Mapping[str, Any]], cells: Sequence[Cell], metric: str, worst_of_k: int, path: Path
 ) -> Path | None:
-    """Heat map of the paired differences (rows: the swept options, columns: ``m``), one panel per metric."""
+    """Heat map of the paired differences (rows: the swept options, columns: ``m``), one panel per metric.
+
+    Returns ``None`` (and draws nothing) when there is no MaxUp cell.
+
+    Example:
+        >>> plot_gains([], [Cell(1)], "val/acc", 8, Path("gain.png")) is None
+        True
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -864,19 +966,21 @@ def _heat_panel(
 
     sign = 1.0 if higher_is_better(metric, monitors) else -1.0
     gain = np.full((len(variants), len(ms)), np.nan)
+    limit = 0.0  # the colour scale spans the widest interval, so a gain well inside the noise stays pale
     for r in rows:
+        d = r.difference
         i, j = variants.index(r.cell.variant), ms.index(r.cell.m)
-        gain[i, j] = sign * r.difference.mean
-        half = "n/a" if r.difference.half != r.difference.half else _num(r.difference.half, r.scale)
-        text = f"{_num(r.difference.mean, r.scale, sign=True)}\n± {half}\n{r.difference.wins}/{r.difference.seeds}"
+        gain[i, j] = sign * d.mean
+        limit = max(limit, abs(d.mean) + (0.0 if d.half != d.half else d.half))
+        half = "n/a" if d.half != d.half else _num(d.half, r.scale)
+        text = f"{_num(d.mean, r.scale, sign=True)} ± {half}\nwon {d.wins}/{d.seeds}\n{d.verdict}"
         ax.text(j, i, text, ha="center", va="center", fontsize=8)
-    limit = float(np.nanmax(np.abs(gain))) if np.isfinite(gain).any() else 1.0
-    image = ax.imshow(gain, cmap="RdYlGn", vmin=-limit or -1.0, vmax=limit or 1.0, aspect="auto")
-    ax.figure.colorbar(image, ax=ax, shrink=0.8, label="gain (green: MaxUp better)")
+    image = ax.imshow(gain, cmap="RdYlGn", vmin=-(limit or 1.0), vmax=limit or 1.0, aspect="auto")
+    ax.figure.colorbar(image, ax=ax, shrink=0.8, label="green: MaxUp better")
     ax.set_xticks(range(len(ms)), [f"m={m}" for m in ms])
     ax.set_yticks(range(len(variants)), variants)
     unit = " (points)" if _scale(metric) != 1.0 else ""
-    ax.set_title(f"{metric}: MaxUp − baseline{unit}\nmean, 95 % t half-width, seeds won", fontsize=9)
+    ax.set_title(f"{metric}: MaxUp − baseline{unit}\nmean ± 95 % t half-width over seeds", fontsize=9)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1159,7 +1263,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``lightning-maxup study``: returns the exit status."""
+    """``lightning-maxup study``: returns the exit status.
+
+    Example:
+        >>> main(["--config", "my.yaml", "--m", "2,4"])
+        2
+    """
     from jsonargparse import ArgumentError
 
     parser = _parser()

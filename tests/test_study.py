@@ -234,7 +234,8 @@ def _check_row(cells: list[str], ref: dict[str, Any], digits: int) -> None:
     assert abs(float(cells[4]) - ref["maxup"]) < tol
     assert abs(numbers[0] - ref["mean"]) < tol, (numbers, ref)
     assert abs(numbers[1] - ref["half"]) < tol, (numbers, ref)
-    assert cells[6] == f"{ref['wins']} of {ref['seeds']}"
+    ties = f" ({ref['ties']} tie{'s' if ref['ties'] > 1 else ''})" if ref["ties"] else ""
+    assert cells[6] == f"{ref['wins']} of {ref['seeds']}{ties}"
     p, low, high = (float(x) for x in re.findall(r"\d\.\d\d", cells[7]))
     assert abs(p - (ref["wins"] + ref["ties"] / 2) / ref["seeds"]) < 0.006  # a tie counts half
     if ref["wilson"] is not None:
