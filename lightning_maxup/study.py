@@ -1095,6 +1095,11 @@ def _run_fits(
             record = run_fit(plan, cell, seed)
         append_record(plan.out / RESULTS, record)
         ran.append((cell, seed))
+        if metrics[0] not in record["metrics"]:  # the fit is kept: every logged metric is in its record
+            raise ValueError(
+                f"The fit logged no validation metric `{metrics[0]}` (`--metric`); it logged"
+                f" {sorted(set(record['metrics']) - set(metrics))}: rerun naming one of those (finished fits are kept)"
+            )
         seconds.append(float(record["wall_s"]))
         progress(
             f"[{i + 1}/{len(todo)}] {_format_fit(cell, seed, record, metrics)}  ETA {_eta(seconds, len(todo) - i - 1)}"

@@ -349,6 +349,16 @@ def test_named_errors_come_before_any_fit(tmp_path, config, options, error, matc
     assert not (tmp_path / "out" / "fits").exists()
 
 
+@pytest.mark.slow
+def test_a_metric_the_fit_does_not_log_stops_after_one_fit_which_is_kept(tmp_path):
+    config, out = _config(tmp_path), tmp_path / "out"
+    with pytest.raises(ValueError, match=r"logged no validation metric `val/nope`.*'val/acc', 'val/loss'"):
+        run_study(config, out=out, **{**STUDY, "metric": "val/nope"})
+    assert [_key(r) for r in read_records(out / RESULTS)[0]] == [("m=1", 0)]
+    again = run_study(config, out=out, max_fits=1, **STUDY)
+    assert [(c.key, s) for c, s in again.ran] == [("m=2", 0)]
+
+
 def test_the_command_prints_the_error_and_exits_2(tmp_path, capsys):
     argv = ["study", "--config", str(_config(tmp_path)), "--m", "2,4", "--out", str(tmp_path / "out")]
     assert cli_main(argv) == 2
