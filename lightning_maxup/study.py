@@ -1057,8 +1057,11 @@ def _write_report(plan: Plan, result: StudyResult, cells: Sequence[Cell], metric
     tmp = report_path.with_suffix(f".{os.getpid()}.tmp")  # shards finishing together each replace it whole
     tmp.write_text(result.report, encoding="utf-8")
     os.replace(tmp, report_path)
-    png = plot_gains(result.records, cells, metric, plan.worst_of_k, plan.out / GAIN_PLOT)
-    progress(f"wrote {report_path}" + (f" and {png}" if png is not None else ""))
+    png_path = plan.out / GAIN_PLOT
+    png = plot_gains(result.records, cells, metric, plan.worst_of_k, png_path.with_suffix(f".{os.getpid()}.png"))
+    if png is not None:
+        os.replace(png, png_path)
+    progress(f"wrote {report_path}" + (f" and {png_path}" if png is not None else ""))
 
 
 def _load(plan: Plan, progress: Any) -> list[dict[str, Any]]:
