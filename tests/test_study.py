@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 import torch
 from scipy import stats
+from torch.utils.data import DataLoader
 
 from lightning_maxup._lightning import pl
 from lightning_maxup.cli import main as cli_main
+from lightning_maxup.data import DigitsDataModule
 from lightning_maxup.study import (
     RESULTS,
     TEST_RESULTS,
@@ -102,9 +104,29 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class GlobalShuffleDigits(DigitsDataModule):
+    """The digits shuffled from the global generator, as a ``DataLoader(shuffle=True)`` without a generator does."""
+
+    def __init__(self, batch_size: int = 128) -> None:
+        super().__init__(batch_size=batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, self.batch_size, shuffle=True)
+
+
+GLOBAL_SHUFFLE = CONFIG.replace(  # a DataModule without a `seed` argument
+    "lightning_maxup.data.DigitsDataModule\n  init_args: {batch_size: 128, seed: 0}",
+    "tests.test_study.GlobalShuffleDigits\n  init_args: {batch_size: 128}",
+)
+
+
 @pytest.mark.slow
-def test_maxup_and_baseline_fits_are_identical_through_the_warmup_then_differ(tmp_path):
-    plan = Plan(_config(tmp_path), tmp_path / "out", worst_of_k=0, data_seed=True)
+@pytest.mark.parametrize(
+    ("config", "data_seed"),
+    [pytest.param(CONFIG, True, id="seeded-loader"), pytest.param(GLOBAL_SHUFFLE, False, id="global-shuffle")],
+)
+def test_maxup_and_baseline_fits_are_identical_through_the_warmup_then_differ(tmp_path, config, data_seed):
+    plan = Plan(_config(tmp_path, config), tmp_path / "out", worst_of_k=0, data_seed=data_seed)
     base, maxup, other = _fit(plan, Cell(1), 5), _fit(plan, Cell(2), 5), _fit(plan, Cell(1), 6)
     assert (base.m, maxup.m) == ([1, 1], [1, 2])  # the cell's m = 2, not the callback's override (8)
     assert _same(base.states[0], maxup.states[0]), "the warm-up epoch differs between MaxUp and its baseline"
