@@ -6,7 +6,8 @@ calls; no Trainer, whose per-run start-up would cost more than a run here), via
 :func:`lightning_maxup.demo.train_regime`, which the demo uses too. MaxUp cells warm up with 5 epochs of ordinary
 augmentation. The gain of a cell is MaxUp minus ordinary augmentation (``m = 1``, same augmentation and
 optimiser) at the same seed, so with the same initial weights, batch order and warm-up draws: a paired
-difference, reported as its mean and 95 % Student-t interval over seeds.
+difference, reported as its mean and 95 % Student-t interval over seeds (:func:`lightning_maxup.study.
+paired_difference`, the statistics ``lightning-maxup study`` reports).
 
 Three stages, so that every choice is made on the validation split and the test split is read once:
 
@@ -58,16 +59,15 @@ from lightning_maxup.demo import (  # noqa: E402
     OPTIMIZERS,
     AugmentName,
     OptimizerName,
-    PairedDifference,
     Recipe,
     Regime,
     make_augment,
-    paired_difference,
     set_threads,
     stratified_subset,
     train_regime,
     worst_of_k,
 )
+from lightning_maxup.study import PairedDifference, paired_difference  # noqa: E402  (one place for the statistics)
 
 Split = tuple[Tensor, Tensor]
 #: The confirmation stage's seeds start here, apart from the screen's (0, 1, ...).

@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_maxup.demo import main as demo_main
 
         return demo_main(rest)
+    if command == "study":
+        from lightning_maxup.study import main as study_main
+
+        return study_main(rest)
     if command == "certify":
         from lightning_maxup.certify.cli import certify_main
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import statistics
 import time
 import warnings
@@ -47,6 +46,7 @@ from lightning_maxup.data import load_digits_split
 from lightning_maxup.functional import MaxUpOutput, maxup_step
 from lightning_maxup.metrics import view_fidelity, worst_of_k_accuracy
 from lightning_maxup.models import SmallCNN
+from lightning_maxup.study import PairedDifference, paired_difference, paired_interval
 from lightning_maxup.timing import EpochTimer
 
 __all__ = [
@@ -274,23 +274,6 @@ def worst_of_k(model: nn.Module, x: Tensor, y: Tensor, augment: Any, k: int, see
     return float(worst_of_k_accuracy(model, x, y, augment, k, generator=g))
 
 
-def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """Mean of paired differences and the half-width of its two-sided Student-t interval (NaN with one value).
-
-    Example:
-        >>> mean, half = paired_interval([1.0, 2.0, 3.0])
-        >>> mean, round(half, 3)  # 4.303 * 1 / sqrt(3)
-        (2.0, 2.484)
-    """
-    from scipy.stats import t
-
-    n = len(differences)
-    mean = statistics.mean(differences)
-    if n < 2:
-        return mean, float("nan")
-    return mean, float(t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(differences) / math.sqrt(n)
-
-
 #: The seeds of the regimes study's confirmation stage (``benchmarks/regimes.py``): part 1 retrains its cells.
 STUDY_SEEDS: tuple[int, ...] = tuple(range(1000, 1012))
 #: Part 1's two regimes, as the regimes study (docs/regimes.md) chose them on the validation split. It found no
@@ -505,49 +488,6 @@ def run_one(regime: Regime, seed: int, settings: Settings, data: Any) -> DemoRes
     seconds = time.perf_counter() - start
     wok = worst_of_k(trained.model, xte, yte, make_augment(regime.augment), settings.k)
     return DemoResult(regime, seed, _accuracy(trained.model, xte, yte), wok, seconds, trained.view_agreement)
-
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """MaxUp minus ordinary augmentation at the same seed, in points: mean, 95 % t half-width, wins of seeds."""
-
-    mean: float
-    half: float
-    wins: int
-    seeds: int
-
-    @property
-    def verdict(self) -> str:
-        """What the interval says."""
-        if self.half != self.half:
-            return "one seed: no interval"
-        if self.mean - self.half > 0:
-            return "MaxUp better"
-        if self.mean + self.half < 0:
-            return "MaxUp worse"
-        return "no difference shown"
-
-    def __str__(self) -> str:
-        half = "n/a" if self.half != self.half else f"{self.half:.2f}"
-        return f"{self.mean:+.2f} ± {half}"
-
-    def cell(self) -> str:
-        """Table cell with the wins, e.g. ``+0.63 ± 0.41 (4/4)``."""
-        return f"{self} ({self.wins}/{self.seeds})"
-
-
-def paired_difference(results: Sequence[Any], regime: Regime, metric: str = "test_acc") -> PairedDifference | None:
-    """``regime`` minus its baseline (``m = 1``) per seed, for ``metric``, in points.
-
-    ``results`` are runs with ``regime``, ``seed`` and the ``metric`` attribute (``"test_acc"``, ``"test_wok"``, or
-    the regimes study's validation scores).
-    """
-    base = {r.seed: getattr(r, metric) for r in results if r.regime == regime.baseline}
-    diffs = [100 * (getattr(r, metric) - base[r.seed]) for r in results if r.regime == regime and r.seed in base]
-    if not diffs:
-        return None
-    mean, half = paired_interval(diffs)
-    return PairedDifference(mean, half, sum(d > 0 for d in diffs), len(diffs))
 
 
 def format_table(results: list[DemoResult], k: int = 8, roles: dict[Regime, str] | None = None) -> str:
