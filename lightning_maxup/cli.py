@@ -25,7 +25,7 @@ __all__ = ["checkpoint_problem", "cli_main", "main", "version"]
 _PROG = "lightning-maxup"
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
-_USAGE = """usage: lightning-maxup {demo,fit,validate,test,predict,certify,certify-table} ...
+_USAGE = """usage: lightning-maxup {demo,fit,validate,test,predict,study,certify,certify-table} ...
        lightning-maxup --version
 
   demo           where MaxUp helps and where it hurts, on the bundled digits (no download)
@@ -33,6 +33,8 @@ _USAGE = """usage: lightning-maxup {demo,fit,validate,test,predict,certify,certi
                  fit --help lists the library's models, data modules and callbacks
   validate, test, predict
                  LightningCLI's other subcommands
+  study ...      does MaxUp help on your data? paired-by-seed fits of a config, with a report
+                 (lightning-maxup study --config CONFIG --m 1,2,4 --seeds 0,1,2,3 --out DIR)
   certify        randomized-smoothing certification of a trained model
   certify-table  certified-accuracy table and plot from certification files
 
