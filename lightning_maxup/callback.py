@@ -94,9 +94,9 @@ class MaxUp(Callback):
     trained (train-mode) loss looked normal while the eval-mode loss of the candidates, scored with running
     statistics that the worst copies had pulled away, was a hundred times larger. The losses are summed on the
     device and read once per fit, at the end of the first MaxUp epoch: no step waits for the device. To see the
-    selection loss the callback sets the module's ``maxup_record`` for those 20 steps (the candidates are kept
-    until the step's end, then dropped). A fit resumed after the warm-up has no warm-up losses to compare with
-    and does not warn.
+    selection loss the callback turns the module's ``maxup_record`` on for those 20 steps (the step's output stays
+    in ``maxup_last_output`` until the next step replaces it). A fit resumed after the warm-up has no warm-up
+    losses to compare with and does not warn.
 
     Under ``Trainer(fast_dev_run=...)`` the warm-up is skipped, so a dev run exercises MaxUp steps. A fit that
     can never reach a MaxUp step (``max_epochs <= warmup_epochs``, or ``max_steps`` reached before the warm-up
@@ -156,7 +156,7 @@ class MaxUp(Callback):
         self._saved: tuple[MaxUpConfig, bool] | None = None
         self._bn_saved: list[tuple[Tensor, Tensor]] | None = None
         self._losses: dict[str, tuple[Tensor, int]] = {}  # what -> (loss sum on the device, steps)
-        self._record_was: bool | None = None
+        self._record_on = False  # this callback turned the module's maxup_record on for this step
         self._selection_mode = "eval"
 
     @property
@@ -324,18 +324,17 @@ class MaxUp(Callback):
 
     def _watch_selection(self, trainer: pl.Trainer, module: MaxUpMixin) -> None:
         """Ask the mixin to keep the step's output during the first MaxUp steps (for the selection pass's loss)."""
-        self._record_was = None
-        if self._watching(trainer.current_epoch) and self._switch_steps_left(trainer.current_epoch):
-            self._record_was, module.maxup_record = module.maxup_record, True
+        self._record_on = False
+        watch = self._watching(trainer.current_epoch) and self._switch_steps_left(trainer.current_epoch)
+        if watch and not module.maxup_record:  # another callback may have asked for this step's output already
+            self._record_on = module.maxup_record = True
 
     def _record_loss(self, trainer: pl.Trainer, module: MaxUpMixin, outputs: Any) -> None:
         """Sum the losses on the device over the warm-up's last epoch and the first MaxUp steps (no read here)."""
         epoch = trainer.current_epoch
         out = module.maxup_last_output
-        if self._record_was is not None:
-            module.maxup_record, self._record_was = self._record_was, None
-            if not module.maxup_record:
-                module.maxup_last_output = None  # drop the candidates we asked the mixin to keep
+        if self._record_on:  # turned off only if this callback turned it on; the next step drops the output
+            module.maxup_record = self._record_on = False
         if not self._watching(epoch):
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs

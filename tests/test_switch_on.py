@@ -308,3 +308,14 @@ def test_switch_warning_and_clean_stats_add_no_per_step_sync():
         off = _fit_syncs(batches, switch_warning=None)
         assert _fit_syncs(batches) == off + 1
         assert _fit_syncs(batches, switch_warning=None, bn_stats="clean") == off
+
+
+def test_switch_warning_changes_nothing_that_is_trained():
+    """Watching the first MaxUp steps (maxup_record on for them) trains the same weights, and leaves it off."""
+    watched, unwatched = Lit(m=3, seed=5), Lit(m=3, seed=5)
+    _trainer(max_epochs=2, callbacks=[MaxUp(warmup_epochs=1)]).fit(watched, _loader())
+    _trainer(max_epochs=2, callbacks=[MaxUp(warmup_epochs=1, switch_warning=None)]).fit(unwatched, _loader())
+    ref, got = _params(unwatched), _params(watched)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{k} differs"
+    assert watched.maxup_record is False
