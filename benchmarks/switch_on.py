@@ -176,7 +176,7 @@ def fit(variant: str, seed: int, args: argparse.Namespace, data: Any) -> Run:
         warnings.simplefilter("always")
         trainer.fit(module, loader)
     run.seconds = time.perf_counter() - start
-    run.warned = any("switch-on raised the training loss" in str(w.message) for w in caught)
+    run.warned = any("MaxUp's switch-on" in str(w.message) for w in caught)
     if len(record.steps) > args.warmup:
         before = statistics.fmean(record.steps[args.warmup - 1])
         after = statistics.fmean(record.steps[args.warmup][:20])
@@ -197,7 +197,14 @@ def interval(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
     return mean, half
 
 
+def baseline(variant: str) -> str:
+    """The ``m = 1`` run at the variant's learning rate."""
+    return "m1_low" if VARIANTS[variant].get("low") else "m1"
+
+
 def _cell(runs: dict[tuple[str, int], Run], a: str, b: str, epoch: int, seeds: list[int]) -> str:
+    if a == b:
+        return "—"
     pairs = [(runs[a, s], runs[b, s]) for s in seeds if (a, s) in runs and (b, s) in runs]
     if not pairs:
         return "—"
@@ -208,7 +215,7 @@ def _cell(runs: dict[tuple[str, int], Run], a: str, b: str, epoch: int, seeds: l
 
 
 def report(runs: dict[tuple[str, int], Run], variants: list[str], seeds: list[int], args: argparse.Namespace) -> str:
-    """Per variant: accuracies, and paired differences against ``m1`` and ``maxup`` at two epochs."""
+    """Per variant: accuracies, paired differences against ``m = 1`` at its lr and against ``maxup``, at two epochs."""
     first, last = args.warmup, args.epochs - 1
     rows = []
     for v in variants:
@@ -223,8 +230,8 @@ def report(runs: dict[tuple[str, int], Run], variants: list[str], seeds: list[in
                 v,
                 acc(first),
                 acc(last),
-                _cell(runs, v, "m1", first, seeds),
-                _cell(runs, v, "m1", last, seeds),
+                _cell(runs, v, baseline(v), first, seeds),
+                _cell(runs, v, baseline(v), last, seeds),
                 _cell(runs, v, "maxup", first, seeds),
                 _cell(runs, v, "maxup", last, seeds),
                 ratio,
@@ -236,8 +243,8 @@ def report(runs: dict[tuple[str, int], Run], variants: list[str], seeds: list[in
         "variant",
         f"val acc, epoch {first + 1} (first MaxUp)",
         f"val acc, epoch {last + 1}",
-        f"− m1, epoch {first + 1}",
-        f"− m1, epoch {last + 1}",
+        f"− m = 1 (same lr), epoch {first + 1}",
+        f"− m = 1 (same lr), epoch {last + 1}",
         f"− maxup, epoch {first + 1}",
         f"− maxup, epoch {last + 1}",
         "switch loss ratio",

@@ -378,8 +378,9 @@ class MaxUp(Callback):
         if causes:
             rank_zero_warn(
                 f"MaxUp's switch-on (`switch_warning`={self.switch_warning}): {'; and '.join(causes)}. Training may"
-                " lose accuracy or collapse. Ease the switch with MaxUp(ramp_epochs=...), keep BatchNorm"
-                " statistics clean with MaxUp(bn_stats='clean'), or lower the learning rate"
+                " lose accuracy or collapse. Lower the learning rate (what helped where this was measured), or"
+                " ease the switch with MaxUp(ramp_epochs=...) or keep BatchNorm statistics clean with"
+                " MaxUp(bn_stats='clean')"
             )
 
     @override

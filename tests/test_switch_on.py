@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -319,3 +321,22 @@ def test_switch_warning_changes_nothing_that_is_trained():
     for k in ref:
         assert torch.equal(ref[k], got[k]), f"{k} differs"
     assert watched.maxup_record is False
+
+
+def test_benchmark_report_pairs_by_seed_with_t_intervals(monkeypatch):
+    """benchmarks/switch_on.py: its paired differences and intervals against scipy's, on made-up runs."""
+    from pathlib import Path
+
+    from scipy import stats
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    switch_on = importlib.import_module("switch_on")
+    acc = {"m1": [0.6, 0.7, 0.8, 0.5], "maxup": [0.3, 0.75, 0.2, 0.45]}
+    runs = {(v, s): switch_on.Run(v, s, val_acc=[0.1, a, a]) for v, values in acc.items() for s, a in enumerate(values)}
+    diffs = [100 * (b - a) for a, b in zip(acc["m1"], acc["maxup"], strict=True)]
+    low, high = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=stats.sem(diffs))
+    mean, half = switch_on.interval(diffs)
+    assert mean == pytest.approx((low + high) / 2)
+    assert half == pytest.approx((high - low) / 2)
+    cell = switch_on._cell(runs, "maxup", "m1", 1, [0, 1, 2, 3])
+    assert cell == f"{mean:+.1f} ± {half:.1f} (1/4)"
