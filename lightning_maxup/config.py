@@ -118,8 +118,11 @@ class MaxUpConfig:
         object.__setattr__(self, "selection_memory_format", _format_name(self.selection_memory_format))
         if not isinstance(self.check_finite, bool):
             raise ValueError(f"Expected `check_finite` to be a bool, got {self.check_finite!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"Expected `seed` to be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(1 << 63) <= self.seed < 1 << 64
+        ):
+            # torch.manual_seed's range: what a checkpoint stores in one int64 (seeds >= 2**63 as two's complement)
+            raise ValueError(f"Expected `seed` to be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
         one_of(self.randomness, "randomness", ("rank", "sample"))
         if self.selection_temperature is not None:
             object.__setattr__(

@@ -150,7 +150,7 @@ class SelectionFidelity(Callback):
         with preserved(pl_module, config.selection_mode), torch.no_grad():  # type: ignore[arg-type]
             for buffer, saved in zip(pl_module.buffers(), buffers, strict=True):
                 buffer.copy_(saved)
-            full = full_input_losses(pl_module.per_sample_loss, out.candidates, config, model=pl_module)  # type: ignore[arg-type]
+            full = full_input_losses(pl_module.maxup_selection_loss, out.candidates, config, model=pl_module)  # type: ignore[arg-type]
         fid = view_fidelity(out.candidate_losses, full.view(out.m, -1))
         self.last = fid
         b = int(out.candidate_losses.shape[1])
