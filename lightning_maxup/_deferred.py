@@ -11,12 +11,15 @@ optimizer included. The two readings MaxUp makes every step are therefore deferr
   an epoch, at the last step of ``max_steps``, when the module's ``state_dict`` is taken for a checkpoint, and at
   the end of training).
 
+:class:`HostCopy` is the copy both make (``SelectionFidelity`` reads its agreement through one too).
+
 Each waits, when it reads, only on an event the device passed long ago (it runs at most a step or two behind);
 every rank reads on the same steps. On the CPU, where nothing waits, both read at once.
 """
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +29,42 @@ from torch import Tensor
 
 from lightning_maxup.functional import check_finite, raise_if_nonfinite
 
-__all__ = ["FiniteGuard", "StepClock"]
+__all__ = ["FiniteGuard", "HostCopy", "StepClock"]
+
+
+class HostCopy:
+    """A device scalar copied to host memory without blocking, read once the device has passed the copy.
+
+    On CUDA the copy goes to pinned memory with ``non_blocking=True`` and an event is recorded after it; on the CPU
+    it is an ordinary copy. :meth:`read` waits on the event (which the device has passed if the read comes a step
+    or more later) and reads the host buffer through its memory: the buffer is host memory on every machine, so the
+    read waits for nothing (``.item()`` would, to a sync counter, look like a read of device data).
+
+    Args:
+        value: A one-element tensor.
+        event: Makes the event recorded after the copy (default ``torch.cuda.Event`` on CUDA, none elsewhere).
+
+    Example:
+        >>> HostCopy(torch.tensor(3)).read()
+        3.0
+    """
+
+    def __init__(self, value: Tensor, event: Callable[[], Any] | None = None) -> None:
+        value = value.detach()
+        cuda = value.device.type == "cuda"
+        self.host = torch.empty((), dtype=torch.float64, pin_memory=cuda)
+        # Other accelerators copy blocking (Lightning's rule for MPS); CUDA and the CPU without waiting.
+        self.host.copy_(value.reshape(()), non_blocking=cuda or value.device.type == "cpu")
+        make_event = event or (torch.cuda.Event if cuda else None)
+        self.event = make_event() if make_event is not None else None
+        if self.event is not None:
+            self.event.record()
+
+    def read(self) -> float:
+        """The value, after waiting on the copy's event."""
+        if self.event is not None:
+            self.event.synchronize()
+        return float(ctypes.c_double.from_address(self.host.data_ptr()).value)
 
 
 class StepClock:
@@ -106,7 +144,7 @@ class FiniteGuard:
     def __init__(self, read_at_once: tuple[str, ...] = ("cpu",), event: Callable[[], Any] | None = None) -> None:
         self.read_at_once = read_at_once
         self.event = event
-        self._pending: list[tuple[Tensor, Any, int, str]] = []
+        self._pending: list[tuple[HostCopy, int, str]] = []
 
     @property
     def pending(self) -> int:
@@ -119,15 +157,8 @@ class FiniteGuard:
         if losses.device.type in self.read_at_once:
             check_finite(losses, what)
             return
-        bad = (~torch.isfinite(losses)).sum()
-        cuda = losses.device.type == "cuda"
-        host = torch.empty((), dtype=bad.dtype, pin_memory=cuda)
-        host.copy_(bad, non_blocking=True)
-        make_event = self.event or (torch.cuda.Event if cuda else None)
-        event = make_event() if make_event is not None else None
-        if event is not None:
-            event.record()
-        self._pending.append((host, event, losses.numel(), what))
+        bad = HostCopy((~torch.isfinite(losses)).sum(), self.event)
+        self._pending.append((bad, losses.numel(), what))
         while len(self._pending) > self.lag:
             self._read(*self._pending.pop(0))
 
@@ -138,7 +169,5 @@ class FiniteGuard:
             self._read(*entry)
 
     @staticmethod
-    def _read(host: Tensor, event: Any, total: int, what: str) -> None:
-        if event is not None:
-            event.synchronize()
-        raise_if_nonfinite(int(host), total, what)
+    def _read(bad: HostCopy, total: int, what: str) -> None:
+        raise_if_nonfinite(int(bad.read()), total, what)

@@ -17,6 +17,7 @@ manual optimisation can use it directly; :class:`~lightning_maxup.MaxUpMixin` ca
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import math
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from lightning_maxup import random as lr
 from lightning_maxup._state import preserved
@@ -334,7 +336,8 @@ def selection_losses(
     selection) is seeded with it inside the block and restored after, so the masks are the selection's own and
     the gradient pass draws what it would have drawn without a selection pass. Without it, train-mode selection
     with a ``model`` seeds the block from a hash of the global random states (read on the host, no device
-    involved): the masks are still the selection's own, and a run seeded alike replays.
+    involved): the masks are still the selection's own, and a run seeded alike replays (not while the model holds
+    lazy parameters, which its first forward draws from the global stream as it is).
 
     Example:
         >>> net = nn.Linear(2, 1)
@@ -347,7 +350,8 @@ def selection_losses(
     name = _name(loss_fn)
     chunks: list[Tensor] = []
     with torch.no_grad(), preserved(model, config.selection_mode):
-        if model is not None and config.selection_mode == "train" and selection_seed is None:
+        if model is not None and config.selection_mode == "train" and selection_seed is None and not _lazy(model):
+            # A lazy module materialises its weights in its first forward, from the global stream as it is.
             selection_seed = _seed_from_global_rng(candidates)
         if selection_seed is not None and model is not None:
             _seed_global_rng(selection_seed, candidates)
@@ -378,8 +382,14 @@ def _seed_from_global_rng(batch: Any) -> int:
     for leaf in tensor_leaves(batch)[:1]:
         if leaf.device.type == "cuda":
             states.append(torch.cuda.default_generators[leaf.device.index or 0].get_state())
-    digest = hashlib.blake2b(b"".join(bytes(s.untyped_storage()) for s in states), digest_size=8).digest()
+    # The states are host tensors on every machine: read their bytes directly (an element-wise read would be slow).
+    raw = b"".join(ctypes.string_at(s.data_ptr(), s.numel() * s.element_size()) for s in states)
+    digest = hashlib.blake2b(raw, digest_size=8).digest()
     return lr.mix_seed(int.from_bytes(digest, "little"), _SELECTION_STREAM)
+
+
+def _lazy(model: nn.Module) -> bool:
+    return any(is_lazy(p) for p in model.parameters())
 
 
 def _seed_global_rng(seed: int, batch: Any) -> None:

@@ -112,12 +112,14 @@ class MaxUpMixin:
     larger than ``B_max`` is split into the same number of larger chunks.
 
     **Logging** (``maxup/<name>`` per step on this rank, ``maxup/<name>_epoch`` per epoch reduced over ranks;
-    nothing under ``Trainer(barebones=True)``): ``loss`` (the trained loss, from the gradient pass; on the
-    progress bar only with ``self.maxup_progress_bar = True``, since Lightning reads progress-bar values on the host
-    at every step), and when ``m > 1``: ``worst_loss`` and ``mean_loss`` (both from the selection pass, so
-    ``worst >= mean``), ``gap`` (their difference), ``grad_norm`` (Theorem 1's estimate of ``‖∇ₓL‖`` when
-    ``augment`` is :class:`~lightning_maxup.augment.GaussianNoise`), ``selection_share`` (of the time between
-    steps, reported two steps late on CUDA rather than waiting for the device) and ``m``.
+    nothing under ``Trainer(barebones=True)``): ``loss`` (the trained loss, from the gradient pass), and when
+    ``m > 1``: ``worst_loss`` and ``mean_loss`` (both from the selection pass, so ``worst >= mean``), ``gap``
+    (their difference), ``grad_norm`` (Theorem 1's estimate of ``‖∇ₓL‖`` when ``augment`` is
+    :class:`~lightning_maxup.augment.GaussianNoise`), ``selection_share`` (of the time between steps, reported two
+    steps late on CUDA rather than waiting for the device) and ``m``. Lightning reads logged values on the host
+    (one ``.item()``, a device sync, each): progress-bar values at every step, so ``loss`` joins the bar only with
+    ``self.maxup_progress_bar = True``; step values on the steps its logger writes (``log_every_n_steps``), so
+    ``self.maxup_log_steps = False`` keeps only the epoch values.
 
     **torch.compile.** ``trainer.fit(torch.compile(module))`` compiles ``forward`` and ``training_step``; the
     step's bookkeeping (:meth:`maxup_step`) runs outside the graph, so nothing in it is a guard and no step
@@ -176,6 +178,9 @@ class MaxUpMixin:
         #: True shows ``maxup/loss`` on the progress bar. Off by default: Lightning reads every progress-bar value
         #: on the host at every step (one ``.item()``, a device sync), with the bar shown or not.
         self.maxup_progress_bar = False
+        #: False logs only the per-epoch values (``maxup/<name>_epoch``): on the steps its logger writes
+        #: (``log_every_n_steps``), Lightning reads every per-step value on the host, one ``.item()`` each.
+        self.maxup_log_steps = True
         #: True while the selection pass or the pre-flight check runs ``per_sample_loss`` on candidate rows.
         self.maxup_selecting = False
         self._maxup_draws = 0
@@ -252,8 +257,11 @@ class MaxUpMixin:
         """The per-row stream of ``randomness="sample"``.
 
         Row ``k * B + i`` of the copy-major expanded batch is copy ``k`` of sample ``i`` and is keyed
-        ``(epoch, step, sample index, occurrence, k)``, where ``occurrence`` counts earlier rows of the batch with
-        the same index, so a repeated index draws copies of its own.
+        ``(epoch, step, sample index, occurrence, k)``, where ``occurrence`` counts earlier rows of the *global*
+        batch (lower ranks first, then this rank's earlier rows) with the same index, so a repeated index draws
+        copies of its own wherever its repeats are (repeated-augmentation samplers put them on different ranks).
+        With more than one rank this is one all-gather of the ``B`` indices per step (no host sync); rows beyond
+        the largest first batch of any rank (agreed at the first step) are compared with this rank's rows only.
         """
         index = torch.as_tensor(self.maxup_sample_index(batch)).to(device=device, dtype=torch.int64)
         b = batch_size(batch)
@@ -265,13 +273,30 @@ class MaxUpMixin:
         trainer = self._maxup_trainer()
         epoch = int(trainer.current_epoch) if trainer is not None else 0
         copy = torch.arange(m, device=device, dtype=torch.int64).repeat_interleave(b)
-        occurrence = _repeat_counts(index).repeat(m)
+        occurrence = self._maxup_occurrence(index).repeat(m)
         keys = torch.stack(
             [torch.full_like(copy, epoch), torch.full_like(copy, self._maxup_draws), index.repeat(m), occurrence, copy],
             dim=1,
         )
         self._maxup_draws += 1
         return KeyedGenerator(self.maxup_resolved_seed(), keys)
+
+    def _maxup_occurrence(self, index: Tensor) -> Tensor:
+        """Per row, how many earlier rows of the global batch (lower ranks, then this rank) hold the same index."""
+        local = _repeat_counts(index)
+        trainer = self._maxup_trainer()
+        rank = self._maxup_rank()
+        if self._maxup_world_size() <= 1 or trainer is None:
+            return local
+        # Every rank gathers the same shape: its first `cap` indices, padded with -1 (no dataset index).
+        cap = max(self._maxup_agreed_rows, 1)
+        padded = torch.full((cap,), -1, dtype=torch.int64, device=index.device)
+        rows = min(int(index.shape[0]), cap)
+        padded[:rows] = index[:rows]
+        gathered = trainer.strategy.all_gather(padded).reshape(-1, cap)
+        lower = torch.sort(gathered[:rank].reshape(-1)).values
+        earlier = torch.searchsorted(lower, index, right=True) - torch.searchsorted(lower, index, right=False)
+        return local + earlier
 
     def maxup_generator(self, device: torch.device) -> torch.Generator:
         """The generator of the next step's augmentation, reseeded from ``(seed, rank, step count)``."""
@@ -297,9 +322,13 @@ class MaxUpMixin:
         return -(-m * rows // chunk)
 
     def _maxup_agree_rows(self, batch: Any) -> None:
-        """All ranks take the largest first-batch size of any rank (one all-reduce per fit, at its first step)."""
+        """All ranks take the largest first-batch size of any rank (one all-reduce per fit, at its first step).
+
+        Needed for equal selection forwards with ``chunk_size`` and for the index gather of ``randomness="sample"``.
+        """
         rows = _num_samples(batch)
-        if self.maxup_config.chunk_size is not None and self._maxup_world_size() > 1:
+        cfg = self.maxup_config
+        if (cfg.chunk_size is not None or cfg.randomness == "sample") and self._maxup_world_size() > 1:
             local = torch.tensor(max(rows, self._maxup_agreed_rows), device=self.device)  # type: ignore[attr-defined]
             rows = int(self._maxup_trainer().strategy.reduce(local, reduce_op="max"))
         self._maxup_agreed_rows = max(self._maxup_agreed_rows, rows)
@@ -476,7 +505,8 @@ class MaxUpMixin:
     def _maxup_log_value(self, name: str, value: Tensor | float, b: int, prog_bar: bool = False) -> None:
         # The step value stays on this rank (no collective per step); the epoch value is reduced over ranks, so
         # every rank logs the same names on the same steps.
-        self.log(f"maxup/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=b)
+        if self.maxup_log_steps:
+            self.log(f"maxup/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=b)
         self.log(f"maxup/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
 
     def _maxup_log(self, out: MaxUpOutput, share: float | None) -> None:
@@ -486,7 +516,9 @@ class MaxUpMixin:
         self._maxup_log_value("loss", out.loss.detach(), b, prog_bar=self.maxup_progress_bar)
         # Host numbers go to the device as a fill (torch.full), not a copy: Lightning's own conversion of a float
         # (torch.tensor) is a synchronous host-to-device copy on CUDA.
-        self.log("maxup/m", torch.full((), float(out.m), device=device), on_step=True, on_epoch=False, batch_size=b)
+        if self.maxup_log_steps:
+            m = torch.full((), float(out.m), device=device)
+            self.log("maxup/m", m, on_step=True, on_epoch=False, batch_size=b)
         if share is not None and out.m > 1:
             self._maxup_log_value("selection_share", torch.full((), share, device=device), b)
         if out.m == 1:
