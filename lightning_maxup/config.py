@@ -76,7 +76,8 @@ class MaxUpConfig:
             a ``torch.dtype``); ``None`` keeps full precision (or the trainer's own autocast).
         selection_memory_format: ``"channels_last"`` converts the selection view's images to that memory format
             (also accepts a ``torch.memory_format``).
-        check_finite: Raise when a loss is NaN or infinite, naming how many.
+        check_finite: Raise when a loss is NaN or infinite, naming how many (the mixin on accelerators two steps
+            later; see the options guide). A non-finite candidate never wins the selection either way.
         seed: Base seed of the augmentation stream; ``None`` takes ``seed_everything``'s seed or rank 0's
             ``torch.initial_seed()``, shared by all ranks.
         randomness: ``"rank"`` draws from a stream per ``(seed, rank, step)``; ``"sample"`` keys every draw by
