@@ -371,3 +371,51 @@ def test_worst_of_k_refuses_column_targets_by_name() -> None:
         worst_of_k_correct(net, x, y, GaussianNoise(0.1), k=2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=match):
         WorstOfKAccuracy(GaussianNoise(0.1), k=2, seed=0).update(net, x, y)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Item 9: FSDP2 recognition across torch versions
+# ----------------------------------------------------------------------------------------------------------------------
+class _FakeFSDPParam:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _FakeGroup:
+    def __init__(self, *names: str) -> None:
+        self.fsdp_params = [_FakeFSDPParam(n) for n in names]
+
+
+class _StateOfNewTorch:
+    def __init__(self) -> None:
+        self._fsdp_param_groups = [_FakeGroup("a", "b"), _FakeGroup("c")]
+
+
+class _StateOfOldTorch:
+    """torch up to 2.7 kept one optional group, ``_fsdp_param_group``."""
+
+    def __init__(self, empty: bool = False) -> None:
+        self._fsdp_param_group = None if empty else _FakeGroup("a")
+
+
+@pytest.mark.parametrize(
+    ("state", "names"),
+    [
+        pytest.param(_StateOfNewTorch(), ["a", "b", "c"], id="groups"),
+        pytest.param(_StateOfOldTorch(), ["a"], id="one-group"),
+        pytest.param(_StateOfOldTorch(empty=True), [], id="no-group"),
+    ],
+)
+def test_fsdp2_parameters_are_found_in_either_state_layout(
+    state: Any, names: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.distributed.fsdp as fsdp
+
+    from lightning_maxup._state import _fsdp_params
+
+    class Sharded(nn.Module):
+        def _get_fsdp_state(self) -> Any:
+            return state
+
+    monkeypatch.setattr(fsdp, "FSDPModule", Sharded)
+    assert [p.name for p in _fsdp_params([nn.Linear(1, 1), Sharded()])] == names
