@@ -253,7 +253,7 @@ def _fsdp_params(modules: list[nn.Module]) -> list[Any]:
 
 
 def _param_groups(state: Any) -> list[Any]:
-    """An FSDP2 state's parameter groups: a list in recent torch, one optional group in torch up to 2.7."""
+    """An FSDP2 state's parameter groups: a list in recent torch, one optional group in older releases."""
     groups = getattr(state, "_fsdp_param_groups", None)
     if groups is not None:
         return list(groups)

@@ -392,7 +392,7 @@ class _StateOfNewTorch:
 
 
 class _StateOfOldTorch:
-    """torch up to 2.7 kept one optional group, ``_fsdp_param_group``."""
+    """Older torch releases keep one optional group, ``_fsdp_param_group``."""
 
     def __init__(self, empty: bool = False) -> None:
         self._fsdp_param_group = None if empty else _FakeGroup("a")
