@@ -247,9 +247,18 @@ def _fsdp_params(modules: list[nn.Module]) -> list[Any]:
     out: list[Any] = []
     for mod in modules:
         if isinstance(mod, fsdp_module):
-            for group in getattr(mod._get_fsdp_state(), "_fsdp_param_groups", []):
+            for group in _param_groups(mod._get_fsdp_state()):
                 out.extend(group.fsdp_params)
     return out
+
+
+def _param_groups(state: Any) -> list[Any]:
+    """An FSDP2 state's parameter groups: a list in recent torch, one optional group in older releases."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
 
 
 def _has_lazy(mod: nn.Module) -> bool:

@@ -19,6 +19,8 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
+from lightning_maxup._transfer import transfer_kwargs
+
 __all__ = [
     "Candidates",
     "Shared",
@@ -61,8 +63,12 @@ class Shared:
         self.value = value
 
     def to(self, *args: Any, **kwargs: Any) -> Shared:
-        """Move the wrapped tensor, as ``Tensor.to`` does (Lightning's batch transfer calls this)."""
-        return Shared(self.value.to(*args, **kwargs))
+        """Move the wrapped tensor, as ``Tensor.to`` does (Lightning's batch transfer calls this).
+
+        Without an explicit ``non_blocking``, the copy is non-blocking wherever Lightning copies a plain tensor so
+        (any device but the CPU and MPS): Lightning calls this method with the device alone.
+        """
+        return Shared(self.value.to(*args, **transfer_kwargs(args, kwargs)))
 
     def pin_memory(self) -> Shared:
         """Pin the wrapped tensor (``DataLoader(pin_memory=True)`` calls this)."""
@@ -337,8 +343,13 @@ class Candidates:
         return batch_size(self.batch) // self.m
 
     def to(self, *args: Any, **kwargs: Any) -> Candidates:
-        """Move every tensor, as ``Tensor.to`` does (Lightning's batch transfer calls this)."""
-        moved = apply_to_collection(self.batch, (Tensor, Shared), lambda t: t.to(*args, **kwargs))
+        """Move every tensor, as ``Tensor.to`` does (Lightning's batch transfer calls this).
+
+        Without an explicit ``non_blocking``, the copies are non-blocking wherever Lightning copies a plain tensor
+        so (any device but the CPU and MPS): Lightning calls this method with the device alone.
+        """
+        options = transfer_kwargs(args, kwargs)
+        moved = apply_to_collection(self.batch, (Tensor, Shared), lambda t: t.to(*args, **options))
         return Candidates(moved, self.m)
 
     def pin_memory(self) -> Candidates:

@@ -76,7 +76,8 @@ class MaxUpConfig:
             a ``torch.dtype``); ``None`` keeps full precision (or the trainer's own autocast).
         selection_memory_format: ``"channels_last"`` converts the selection view's images to that memory format
             (also accepts a ``torch.memory_format``).
-        check_finite: Raise when a loss is NaN or infinite, naming how many.
+        check_finite: Raise when a loss is NaN or infinite, naming how many (the mixin on accelerators two steps
+            later; see the options guide). A non-finite candidate never wins the selection either way.
         seed: Base seed of the augmentation stream; ``None`` takes ``seed_everything``'s seed or rank 0's
             ``torch.initial_seed()``, shared by all ranks.
         randomness: ``"rank"`` draws from a stream per ``(seed, rank, step)``; ``"sample"`` keys every draw by
@@ -118,8 +119,11 @@ class MaxUpConfig:
         object.__setattr__(self, "selection_memory_format", _format_name(self.selection_memory_format))
         if not isinstance(self.check_finite, bool):
             raise ValueError(f"Expected `check_finite` to be a bool, got {self.check_finite!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"Expected `seed` to be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(1 << 63) <= self.seed < 1 << 64
+        ):
+            # torch.manual_seed's range: what a checkpoint stores in one int64 (seeds >= 2**63 as two's complement)
+            raise ValueError(f"Expected `seed` to be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
         one_of(self.randomness, "randomness", ("rank", "sample"))
         if self.selection_temperature is not None:
             object.__setattr__(

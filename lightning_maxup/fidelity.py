@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_maxup._deferred import HostCopy
 from lightning_maxup._lightning import Callback, rank_zero_warn
 from lightning_maxup._state import preserved
 from lightning_maxup._validation import positive_float, positive_int
@@ -79,6 +80,10 @@ class SelectionFidelity(Callback):
     step's output stays in ``maxup_last_output`` until the next step replaces it. It works next to a
     ``SelectionMonitor`` in either order: each turns the flag off only if it turned it on.
 
+    A check makes no host sync: the values are logged as device tensors, and the agreement the warning averages is
+    read on the host at the next check (or when training ends, or the callback's state is saved), long computed by
+    then.
+
     Cost: a checked step adds one float32 forward of the ``m * B`` candidates without gradient; the default
     ``every_n_steps=200`` keeps that under 1 % of training time (see ``docs/fidelity.md`` for the measurement).
 
@@ -109,6 +114,7 @@ class SelectionFidelity(Callback):
         self._restore = False  # this callback turned the module's maxup_record on and turns it off again
         self._buffers: list[Tensor] = []  # the module's buffers when the checked step's selection pass ran
         self._last_step = -1
+        self._unread: tuple[HostCopy, float, int] | None = None  # the last check's agreement, read at the next one
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -150,13 +156,28 @@ class SelectionFidelity(Callback):
         with preserved(pl_module, config.selection_mode), torch.no_grad():  # type: ignore[arg-type]
             for buffer, saved in zip(pl_module.buffers(), buffers, strict=True):
                 buffer.copy_(saved)
-            full = full_input_losses(pl_module.per_sample_loss, out.candidates, config, model=pl_module)  # type: ignore[arg-type]
+            full = full_input_losses(pl_module.maxup_selection_loss, out.candidates, config, model=pl_module)  # type: ignore[arg-type]
         fid = view_fidelity(out.candidate_losses, full.view(out.m, -1))
         self.last = fid
         b = int(out.candidate_losses.shape[1])
-        for name, value in (("agreement", fid.agreement), ("regret", fid.regret), ("chance", fid.chance)):
+        # The chance as a fill on the device, not a float that Lightning would copy from the host (lift_fresh).
+        chance = torch.full((), fid.chance, device=fid.agreement.device)
+        for name, value in (("agreement", fid.agreement), ("regret", fid.regret), ("chance", chance)):
             pl_module.log(f"maxup/view_{name}", value, on_step=True, on_epoch=False, batch_size=b)
-        self._observe(float(fid.agreement), fid.chance, out.m)
+        # The agreement is read on the host at the next check (or the end of training), long computed by then,
+        # so a check does not wait for the device.
+        self._read_unread()
+        self._unread = (HostCopy(fid.agreement), fid.chance, out.m)
+
+    def _read_unread(self) -> None:
+        if self._unread is not None:
+            agreement, chance, m = self._unread
+            self._unread = None
+            self._observe(agreement.read(), chance, m)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read_unread()
 
     def _observe(self, agreement: float, chance: float, m: int) -> None:
         self.history.append((agreement, chance))
@@ -186,6 +207,7 @@ class SelectionFidelity(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._read_unread()
         return {"history": [list(h) for h in self.history], "warned": self.warned}
 
     @override

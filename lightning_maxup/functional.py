@@ -17,7 +17,10 @@ manual optimisation can use it directly; :class:`~lightning_maxup.MaxUpMixin` ca
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from lightning_maxup import random as lr
 from lightning_maxup._state import preserved
@@ -167,7 +171,11 @@ def gradient_norm_estimate(candidate_losses: Tensor, sigma: float) -> Tensor:
 
 
 def select_worst(candidate_losses: Tensor, batch_rows: int) -> tuple[Tensor, Tensor]:
-    """Per-sample arg-max over copies of copy-major losses ``[m * B]``.
+    """Per-sample arg-max over copies of copy-major losses ``[m * B]``; a NaN or infinite loss never wins.
+
+    A non-finite loss would otherwise always win (``argmax`` takes NaN for the largest value) and train the model
+    on it; it counts as the lowest instead, so a sample trains on its worst finite copy (on copy 0 if it has none).
+    ``check_finite`` still raises on it (:func:`maxup_step`; the mixin a step or two later on accelerators).
 
     Returns:
         ``(selected, rows)``: each sample's worst copy index in ``[0, m)`` and its row ``selected * B + i``.
@@ -175,8 +183,11 @@ def select_worst(candidate_losses: Tensor, batch_rows: int) -> tuple[Tensor, Ten
     Example:
         >>> select_worst(torch.tensor([1.0, 5.0, 3.0, 2.0]), 2)  # copies (1, 3) of sample 0, (5, 2) of sample 1
         (tensor([1, 0]), tensor([2, 1]))
+        >>> select_worst(torch.tensor([1.0, float("nan"), 3.0, 2.0]), 2)[0]  # sample 1: NaN loses to 2.0
+        tensor([1, 1])
     """
-    per_copy = candidate_losses.view(-1, batch_rows)
+    lowest = torch.full_like(candidate_losses, -math.inf)
+    per_copy = torch.where(torch.isfinite(candidate_losses), candidate_losses, lowest).view(-1, batch_rows)
     selected = per_copy.argmax(dim=0)
     rows = selected * batch_rows + torch.arange(batch_rows, device=selected.device)
     return selected, rows
@@ -204,7 +215,8 @@ def select_copies(
     u = lr.uniform(
         tuple(candidate_losses.shape), generator=generator, device=candidate_losses.device, dtype=torch.float64
     )
-    scores = candidate_losses.double() / temperature - torch.log(-torch.log(u))
+    losses = candidate_losses.double()
+    scores = torch.where(torch.isfinite(losses), losses / temperature - torch.log(-torch.log(u)), -math.inf)
     return select_worst(scores, batch_rows)
 
 
@@ -322,7 +334,10 @@ def selection_losses(
 
     With ``selection_seed``, the global random state the forwards draw from (dropout masks in train-mode
     selection) is seeded with it inside the block and restored after, so the masks are the selection's own and
-    the gradient pass draws what it would have drawn without a selection pass.
+    the gradient pass draws what it would have drawn without a selection pass. Without it, train-mode selection
+    with a ``model`` seeds the block from a hash of the global random states (read on the host, no device
+    involved): the masks are still the selection's own, and a run seeded alike replays (not while the model holds
+    lazy parameters, which its first forward draws from the global stream as it is).
 
     Example:
         >>> net = nn.Linear(2, 1)
@@ -335,6 +350,9 @@ def selection_losses(
     name = _name(loss_fn)
     chunks: list[Tensor] = []
     with torch.no_grad(), preserved(model, config.selection_mode):
+        if model is not None and config.selection_mode == "train" and selection_seed is None and not _lazy(model):
+            # A lazy module materialises its weights in its first forward, from the global stream as it is.
+            selection_seed = _seed_from_global_rng(candidates)
         if selection_seed is not None and model is not None:
             _seed_global_rng(selection_seed, candidates)
         for lo, hi in chunk_bounds(rows, config.chunk_size, num_chunks):
@@ -349,6 +367,29 @@ def selection_losses(
                 raise relabelled from err
             chunks.append(check_losses(losses, hi - lo, name).float())
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+_SELECTION_STREAM = 0x5E1EC7
+
+
+def _seed_from_global_rng(batch: Any) -> int:
+    """A seed hashed from the global CPU random state and that of the batch's CUDA device, neither consumed.
+
+    Both states live on the host (a CUDA generator's state is its seed and offset), so reading them waits for no
+    device; the hash changes whenever either stream has advanced.
+    """
+    states = [torch.random.default_generator.get_state()]
+    for leaf in tensor_leaves(batch)[:1]:
+        if leaf.device.type == "cuda":
+            states.append(torch.cuda.default_generators[leaf.device.index or 0].get_state())
+    # The states are host tensors on every machine: read their bytes directly (an element-wise read would be slow).
+    raw = b"".join(ctypes.string_at(s.data_ptr(), s.numel() * s.element_size()) for s in states)
+    digest = hashlib.blake2b(raw, digest_size=8).digest()
+    return lr.mix_seed(int.from_bytes(digest, "little"), _SELECTION_STREAM)
+
+
+def _lazy(model: nn.Module) -> bool:
+    return any(is_lazy(p) for p in model.parameters())
 
 
 def _seed_global_rng(seed: int, batch: Any) -> None:

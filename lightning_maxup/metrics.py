@@ -145,7 +145,7 @@ def worst_of_k_correct(
     _check_callable(augment, "augment")
     _check_chunk_size(chunk_size)
     b = int(batch_x.shape[0])
-    if target.shape[:1] != batch_x.shape[:1]:
+    if target.dim() != 1 or target.shape[0] != b:
         raise ValueError(
             f"Expected `target` to hold one class per sample (shape [{b}]), got shape {list(target.shape)}"
         )

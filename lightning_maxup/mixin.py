@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast, overload
@@ -10,6 +9,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 import torch
 from torch import Tensor, nn
 
+from lightning_maxup._deferred import FiniteGuard, StepClock
 from lightning_maxup._lightning import rank_zero_warn
 from lightning_maxup.augment.image import GaussianNoise
 from lightning_maxup.batch import Candidates, batch_size, slice_rows
@@ -25,12 +25,10 @@ from lightning_maxup.functional import (
     MaxUpOutput,
     augment_rows,
     check_candidates,
-    check_finite,
     check_per_sample,
     expand_copies,
     gradient_norm_estimate,
     maxup_step,
-    raise_if_nonfinite,
     selection_losses,
 )
 from lightning_maxup.random import Generator, KeyedGenerator, mix_seed, resolve_seed
@@ -38,94 +36,6 @@ from lightning_maxup.random import Generator, KeyedGenerator, mix_seed, resolve_
 __all__ = ["MaxUpMixin", "require_maxup_module"]
 
 T = TypeVar("T")
-
-
-class _StepClock:
-    """Share of the time between consecutive steps spent selecting, without stalling on the device.
-
-    On the CPU the share is the previous step's selection seconds over the host time from its start to this
-    step's start (backward, optimizer and data loading included). On CUDA, events are recorded at each step's
-    start and at the end of its selection; a step's share is read ``lag`` selecting steps later, waiting on an
-    event the device passed long ago (it runs at most a step or two behind), so every rank reports on the same
-    steps (the epoch value is reduced over ranks) and no step waits for the device.
-    """
-
-    lag = 2
-
-    def __init__(self) -> None:
-        self._start = 0.0
-        self._selection: float | None = None
-        self._open: list[Any] | None = None  # CUDA: [start, selected] of the running step
-        self._closed: list[tuple[Any, Any, Any]] = []  # CUDA: (start, selected, next start), oldest first
-
-    def tick(self, device: torch.device) -> float | None:
-        """Start a step; return an earlier step's selection share, or ``None``."""
-        if device.type != "cuda":
-            now, selection = time.perf_counter(), self._selection
-            total, self._start, self._selection = now - self._start, now, None
-            return selection / total if selection is not None and total > 0 else None
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-        if self._open is not None and self._open[1] is not None:
-            self._closed.append((self._open[0], self._open[1], start))
-        self._open = [start, None]
-        if len(self._closed) <= self.lag:
-            return None
-        begin, selected, end = self._closed.pop(0)
-        end.synchronize()  # recorded `lag` steps ago: long done
-        total = begin.elapsed_time(end)
-        return begin.elapsed_time(selected) / total if total > 0 else None
-
-    def selection_done(self, seconds: float) -> None:
-        """Mark the end of this step's selection."""
-        if self._open is None:
-            self._selection = seconds
-            return
-        selected = torch.cuda.Event(enable_timing=True)
-        selected.record()
-        self._open[1] = selected
-
-
-class _FiniteGuard:
-    """Raise on non-finite losses without a host sync per step on accelerators.
-
-    On the CPU the count is checked at once. On an accelerator the count is copied to the host asynchronously
-    and an event recorded; it is read ``lag`` steps later, waiting on that event, which has long completed by
-    then (the device runs at most a step or two behind the host), so the check costs no stall and every rank
-    raises at the same step. :meth:`flush` reads what is left (the mixin calls it when training ends).
-    """
-
-    lag = 2
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[Tensor, Any, int, str]] = []
-
-    def __call__(self, losses: Tensor, what: str) -> None:
-        losses = losses.detach()
-        if losses.device.type == "cpu":
-            check_finite(losses, what)
-            return
-        bad = (~torch.isfinite(losses)).sum()
-        host = torch.empty((), dtype=bad.dtype, pin_memory=losses.device.type == "cuda")
-        host.copy_(bad, non_blocking=True)
-        event = torch.cuda.Event() if losses.device.type == "cuda" else None
-        if event is not None:
-            event.record()
-        self._pending.append((host, event, losses.numel(), what))
-        while len(self._pending) > self.lag:
-            self._read(*self._pending.pop(0))
-
-    def flush(self) -> None:
-        """Read every pending count (at the end of training: one wait, not one per step)."""
-        pending, self._pending = self._pending, []
-        for entry in pending:
-            self._read(*entry)
-
-    @staticmethod
-    def _read(host: Tensor, event: Any, total: int, what: str) -> None:
-        if event is not None:
-            event.synchronize()
-        raise_if_nonfinite(int(host), total, what)
 
 
 class _Option(Generic[T]):
@@ -202,11 +112,14 @@ class MaxUpMixin:
     larger than ``B_max`` is split into the same number of larger chunks.
 
     **Logging** (``maxup/<name>`` per step on this rank, ``maxup/<name>_epoch`` per epoch reduced over ranks;
-    nothing under ``Trainer(barebones=True)``): ``loss`` (the trained loss, from the gradient pass, on the
-    progress bar), and when ``m > 1``: ``worst_loss`` and ``mean_loss`` (both from the selection pass, so
-    ``worst >= mean``), ``gap`` (their difference), ``grad_norm`` (Theorem 1's estimate of ``‖∇ₓL‖`` when
-    ``augment`` is :class:`~lightning_maxup.augment.GaussianNoise`), ``selection_share`` (of the time between
-    steps, reported two steps late on CUDA rather than waiting for the device) and ``m``.
+    nothing under ``Trainer(barebones=True)``): ``loss`` (the trained loss, from the gradient pass), and when
+    ``m > 1``: ``worst_loss`` and ``mean_loss`` (both from the selection pass, so ``worst >= mean``), ``gap``
+    (their difference), ``grad_norm`` (Theorem 1's estimate of ``‖∇ₓL‖`` when ``augment`` is
+    :class:`~lightning_maxup.augment.GaussianNoise`), ``selection_share`` (of the time between steps, reported two
+    steps late on CUDA rather than waiting for the device) and ``m``. Lightning reads logged values on the host
+    (one ``.item()``, a device sync, each): progress-bar values at every step, so ``loss`` joins the bar only with
+    ``self.maxup_progress_bar = True``; step values on the steps its logger writes (``log_every_n_steps``), so
+    ``self.maxup_log_steps = False`` keeps only the epoch values.
 
     **torch.compile.** ``trainer.fit(torch.compile(module))`` compiles ``forward`` and ``training_step``; the
     step's bookkeeping (:meth:`maxup_step`) runs outside the graph, so nothing in it is a guard and no step
@@ -262,6 +175,12 @@ class MaxUpMixin:
         #: monitors); off by default, since it holds the ``m * B`` candidates until the following step.
         self.maxup_record = False
         self.maxup_last_output: MaxUpOutput | None = None
+        #: True shows ``maxup/loss`` on the progress bar. Off by default: Lightning reads every progress-bar value
+        #: on the host at every step (one ``.item()``, a device sync), with the bar shown or not.
+        self.maxup_progress_bar = False
+        #: False logs only the per-epoch values (``maxup/<name>_epoch``): on the steps its logger writes
+        #: (``log_every_n_steps``), Lightning reads every per-step value on the host, one ``.item()`` each.
+        self.maxup_log_steps = True
         #: True while the selection pass or the pre-flight check runs ``per_sample_loss`` on candidate rows.
         self.maxup_selecting = False
         self._maxup_draws = 0
@@ -269,8 +188,8 @@ class MaxUpMixin:
         self._maxup_prepared_for: tuple[Any] | None = None  # (weak reference to the Trainer or None,) once prepared
         self._maxup_warned: set[str] = set()
         self._maxup_generator: torch.Generator | None = None
-        self._maxup_clock = _StepClock()
-        self._maxup_finite = _FiniteGuard()
+        self._maxup_clock = StepClock()
+        self._maxup_finite = FiniteGuard()
         self._maxup_cached_config: tuple[MaxUpConfig, int, MaxUpConfig] | None = None
         register = getattr(self, "register_load_state_dict_pre_hook", None)
         if callable(register):  # a checkpoint from before the state moved into the state_dict loads too
@@ -338,8 +257,11 @@ class MaxUpMixin:
         """The per-row stream of ``randomness="sample"``.
 
         Row ``k * B + i`` of the copy-major expanded batch is copy ``k`` of sample ``i`` and is keyed
-        ``(epoch, step, sample index, occurrence, k)``, where ``occurrence`` counts earlier rows of the batch with
-        the same index, so a repeated index draws copies of its own.
+        ``(epoch, step, sample index, occurrence, k)``, where ``occurrence`` counts earlier rows of the *global*
+        batch (lower ranks first, then this rank's earlier rows) with the same index, so a repeated index draws
+        copies of its own wherever its repeats are (repeated-augmentation samplers put them on different ranks).
+        With more than one rank this is one all-gather of the ``B`` indices per step (no host sync); rows beyond
+        the largest first batch of any rank (agreed at the first step) are compared with this rank's rows only.
         """
         index = torch.as_tensor(self.maxup_sample_index(batch)).to(device=device, dtype=torch.int64)
         b = batch_size(batch)
@@ -351,13 +273,30 @@ class MaxUpMixin:
         trainer = self._maxup_trainer()
         epoch = int(trainer.current_epoch) if trainer is not None else 0
         copy = torch.arange(m, device=device, dtype=torch.int64).repeat_interleave(b)
-        occurrence = _repeat_counts(index).repeat(m)
+        occurrence = self._maxup_occurrence(index).repeat(m)
         keys = torch.stack(
             [torch.full_like(copy, epoch), torch.full_like(copy, self._maxup_draws), index.repeat(m), occurrence, copy],
             dim=1,
         )
         self._maxup_draws += 1
         return KeyedGenerator(self.maxup_resolved_seed(), keys)
+
+    def _maxup_occurrence(self, index: Tensor) -> Tensor:
+        """Per row, how many earlier rows of the global batch (lower ranks, then this rank) hold the same index."""
+        local = _repeat_counts(index)
+        trainer = self._maxup_trainer()
+        rank = self._maxup_rank()
+        if self._maxup_world_size() <= 1 or trainer is None:
+            return local
+        # Every rank gathers the same shape: its first `cap` indices, padded with -1 (no dataset index).
+        cap = max(self._maxup_agreed_rows, 1)
+        padded = torch.full((cap,), -1, dtype=torch.int64, device=index.device)
+        rows = min(int(index.shape[0]), cap)
+        padded[:rows] = index[:rows]
+        gathered = trainer.strategy.all_gather(padded).reshape(-1, cap)
+        lower = torch.sort(gathered[:rank].reshape(-1)).values
+        earlier = torch.searchsorted(lower, index, right=True) - torch.searchsorted(lower, index, right=False)
+        return local + earlier
 
     def maxup_generator(self, device: torch.device) -> torch.Generator:
         """The generator of the next step's augmentation, reseeded from ``(seed, rank, step count)``."""
@@ -383,9 +322,13 @@ class MaxUpMixin:
         return -(-m * rows // chunk)
 
     def _maxup_agree_rows(self, batch: Any) -> None:
-        """All ranks take the largest first-batch size of any rank (one all-reduce per fit, at its first step)."""
+        """All ranks take the largest first-batch size of any rank (one all-reduce per fit, at its first step).
+
+        Needed for equal selection forwards with ``chunk_size`` and for the index gather of ``randomness="sample"``.
+        """
         rows = _num_samples(batch)
-        if self.maxup_config.chunk_size is not None and self._maxup_world_size() > 1:
+        cfg = self.maxup_config
+        if (cfg.chunk_size is not None or cfg.randomness == "sample") and self._maxup_world_size() > 1:
             local = torch.tensor(max(rows, self._maxup_agreed_rows), device=self.device)  # type: ignore[attr-defined]
             rows = int(self._maxup_trainer().strategy.reduce(local, reduce_op="max"))
         self._maxup_agreed_rows = max(self._maxup_agreed_rows, rows)
@@ -417,7 +360,7 @@ class MaxUpMixin:
         if callable(check):
             check(candidates)
         num_chunks = self._maxup_num_chunks(batch, cfg.m)
-        losses = selection_losses(self._maxup_selection_loss, candidates, cfg, model=self, num_chunks=num_chunks)  # type: ignore[arg-type]
+        losses = selection_losses(self.maxup_selection_loss, candidates, cfg, model=self, num_chunks=num_chunks)  # type: ignore[arg-type]
         if cfg.check_finite:
             self._maxup_finite(losses, "losses of the pre-flight check")
 
@@ -428,6 +371,7 @@ class MaxUpMixin:
         if prepared is not None and (prepared[0]() if prepared[0] is not None else None) is trainer:
             return
         key = (weakref.ref(trainer) if trainer is not None else None,)
+        self._maxup_finite.flush()  # counts an earlier fit left unread (it ended without its last batch)
         if type(self).per_sample_loss is MaxUpMixin.per_sample_loss:
             raise NotImplementedError(
                 f"{type(self).__name__} must implement `per_sample_loss(batch)` to use MaxUpMixin's step"
@@ -475,25 +419,31 @@ class MaxUpMixin:
             model=self,  # type: ignore[arg-type]
             num_chunks=self._maxup_num_chunks(batch, m),
             selection_seed=seed,
-            selection_fn=self._maxup_selection_loss,
+            selection_fn=self.maxup_selection_loss,
         )
         if cfg.check_finite:
             what = "candidate losses in the MaxUp selection pass" if m > 1 else "training losses"
             self._maxup_finite(out.candidate_losses, what)
+            if self._maxup_finite.pending and _last_step_of_run(self._maxup_trainer()):
+                self._maxup_finite.flush()
         self._maxup_clock.selection_done(out.selection_seconds)
         self._maxup_log(out, share)
         self.maxup_last_output = out if self.maxup_record else None
         return out
 
-    def _maxup_selection_loss(self, batch: Any) -> Tensor:
-        """``per_sample_loss`` with :attr:`maxup_selecting` set, for the selection pass and the pre-flight."""
+    def maxup_selection_loss(self, batch: Any) -> Tensor:
+        """``per_sample_loss`` with :attr:`maxup_selecting` set, for candidate rows.
+
+        How the selection pass, the pre-flight check and the diagnostics
+        (:class:`~lightning_maxup.fidelity.SelectionFidelity`) score candidates.
+        """
         self.maxup_selecting = True
         try:
             return self.per_sample_loss(batch)
         finally:
             self.maxup_selecting = False
 
-    _maxup_selection_loss.__name__ = "per_sample_loss"  # error messages name the hook the user wrote
+    maxup_selection_loss.__name__ = "per_sample_loss"  # error messages name the hook the user wrote
 
     def _maxup_step_config(self, m: int) -> MaxUpConfig:
         """``maxup_config`` with this step's ``m`` and the finiteness check left to the deferred guard.
@@ -555,17 +505,20 @@ class MaxUpMixin:
     def _maxup_log_value(self, name: str, value: Tensor | float, b: int, prog_bar: bool = False) -> None:
         # The step value stays on this rank (no collective per step); the epoch value is reduced over ranks, so
         # every rank logs the same names on the same steps.
-        self.log(f"maxup/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=b)
+        if self.maxup_log_steps:
+            self.log(f"maxup/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=b)
         self.log(f"maxup/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
 
     def _maxup_log(self, out: MaxUpOutput, share: float | None) -> None:
         if not self._maxup_logging():
             return
         b, device = int(out.losses.shape[0]), out.loss.device
-        self._maxup_log_value("loss", out.loss.detach(), b, prog_bar=True)
+        self._maxup_log_value("loss", out.loss.detach(), b, prog_bar=self.maxup_progress_bar)
         # Host numbers go to the device as a fill (torch.full), not a copy: Lightning's own conversion of a float
         # (torch.tensor) is a synchronous host-to-device copy on CUDA.
-        self.log("maxup/m", torch.full((), float(out.m), device=device), on_step=True, on_epoch=False, batch_size=b)
+        if self.maxup_log_steps:
+            m = torch.full((), float(out.m), device=device)
+            self.log("maxup/m", m, on_step=True, on_epoch=False, batch_size=b)
         if share is not None and out.m > 1:
             self._maxup_log_value("selection_share", torch.full((), share, device=device), b)
         if out.m == 1:
@@ -588,13 +541,20 @@ class MaxUpMixin:
     def get_extra_state(self) -> Tensor:
         """The augmentation stream's seed and position and the agreed selection rows, saved in ``state_dict``.
 
-        One int64 CPU tensor ``[version, seed resolved (0/1), seed, draws, agreed rows]``, so every ``state_dict``
-        value stays a tensor (code that clones a state dict, and distributed checkpoints, handle it like any
-        other). Saving does not resolve a seed that is still ``None``: ``seed_everything`` after a
-        ``state_dict()`` call still decides it.
+        One int64 CPU tensor ``[version, seed kind, seed, draws, agreed rows]``, so every ``state_dict`` value stays
+        a tensor (code that clones a state dict, and distributed checkpoints, handle it like any other). The seed
+        kind is 0 for a seed still ``None``, 1 for a seed stored as it is, 2 for a seed of 64 bits (``>= 2**63``,
+        as ``torch.initial_seed()`` may return) stored as its two's complement. Saving does not resolve a seed
+        that is still ``None``: ``seed_everything`` after a ``state_dict()`` call still decides it.
+
+        Taking the state also reads the non-finite counts still in flight (accelerators), so a checkpoint is not
+        written after a step whose losses were not finite.
         """
+        self._maxup_finite.flush()
         seed = self.maxup_config.seed
-        values = [_STATE_VERSION, int(seed is not None), seed or 0, self._maxup_draws, self._maxup_agreed_rows]
+        kind = 0 if seed is None else 2 if seed >= 1 << 63 else 1
+        stored = 0 if seed is None else seed - (1 << 64) if kind == 2 else seed
+        values = [_STATE_VERSION, kind, stored, self._maxup_draws, self._maxup_agreed_rows]
         return torch.tensor(values, dtype=torch.int64)
 
     def set_extra_state(self, state: Any) -> None:
@@ -603,11 +563,12 @@ class MaxUpMixin:
             values = [int(v) for v in state.tolist()] if state.dim() == 1 else []
             if len(values) != 5 or values[0] != _STATE_VERSION:
                 raise ValueError(
-                    f"Expected the MaxUp `_extra_state` to be [version {_STATE_VERSION}, resolved, seed, draws, rows],"
+                    f"Expected the MaxUp `_extra_state` to be [version {_STATE_VERSION}, seed kind, seed, draws, rows],"
                     f" got {values or list(state.shape)}; was the checkpoint written by a newer lightning_maxup?"
                 )
-            _, resolved, seed, draws, rows = values
-            state = {"seed": seed if resolved else None, "draws": draws, "agreed_rows": rows}
+            _, kind, seed, draws, rows = values
+            seed = seed & ((1 << 64) - 1) if kind == 2 else seed
+            state = {"seed": seed if kind else None, "draws": draws, "agreed_rows": rows}
         if not isinstance(state, dict):
             return
         if state.get("seed") is not None:
@@ -625,8 +586,8 @@ class MaxUpMixin:
         state = dict(parent() if parent is not None else self.__dict__)
         state.update(
             _maxup_prepared_for=None,
-            _maxup_clock=_StepClock(),
-            _maxup_finite=_FiniteGuard(),
+            _maxup_clock=StepClock(),
+            _maxup_finite=FiniteGuard(),
             maxup_last_output=None,
         )
         return state
@@ -658,6 +619,15 @@ _EXTRA_STATE_KEY = "_extra_state"
 def _fill_missing_extra_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """A ``state_dict`` from before 0.3 has no ``_extra_state``: load it as "nothing to restore"."""
     state_dict.setdefault(prefix + _EXTRA_STATE_KEY, None)
+
+
+def _last_step_of_run(trainer: Any) -> bool:
+    """Whether the running training step is the last of its epoch or of ``max_steps`` (public Trainer state)."""
+    if trainer is None:
+        return False
+    max_steps = getattr(trainer, "max_steps", -1)
+    last_step = max_steps is not None and max_steps > 0 and trainer.global_step + 1 >= max_steps
+    return bool(getattr(trainer, "is_last_batch", False)) or last_step
 
 
 def _samples(batch: Any) -> Any:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_maxup._transfer import to_device
+
 __all__ = [
     "Generator",
     "KeyedGenerator",
@@ -175,6 +177,10 @@ def uniform(
 ) -> Tensor:
     """Uniform numbers in ``(0, 1)``, drawn on the generator's device and moved to ``device``.
 
+    A draw from a CPU generator for an accelerator is copied as Lightning copies a batch (pinned, without
+    blocking the host), so ``torch.Generator()`` with CUDA data costs no device sync; a generator on the data's
+    device (``torch.Generator(device="cuda")``) makes no copy at all.
+
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> u = uniform((4, 3), generator=g)
@@ -185,12 +191,12 @@ def uniform(
     target = torch.device(device) if device is not None else _device_of(generator, None)
     if isinstance(generator, KeyedGenerator):
         u = (generator.bits(shape).to(torch.float64) + 0.5) * (1.0 / 2**32)
-        return u.to(device=target, dtype=dtype)
+        return to_device(u.to(dtype), target)
     gen_device = _device_of(generator, target)
     u = torch.rand(shape, generator=generator, device=gen_device, dtype=dtype)
     # torch.rand may return exactly 0, which log() and inverse CDFs cannot take.
     u = u.clamp_min(torch.finfo(dtype).tiny)
-    return u.to(target)
+    return to_device(u, target)
 
 
 def normal(
@@ -214,7 +220,8 @@ def normal(
         u2 = uniform(shape, generator=generator, device=target, dtype=torch.float64)
         z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
         return z.to(dtype)
-    return torch.randn(shape, generator=generator, device=_device_of(generator, target), dtype=dtype).to(target)
+    z = torch.randn(shape, generator=generator, device=_device_of(generator, target), dtype=dtype)
+    return to_device(z, target)
 
 
 def randint(

@@ -8,7 +8,10 @@ On a CPU nothing waits, so a CPU test cannot time a sync; it can see the ops tha
 * ``aten.lift_fresh`` / ``lift_fresh_copy``: a tensor built from Python data (``torch.tensor``, ``torch.as_tensor``
   of a list or a number), on CUDA a synchronous host-to-device copy;
 * ``Tensor.tolist()`` and ``Tensor.numpy()``, which on a CPU tensor dispatch no op: the counter wraps them while
-  it runs.
+  it runs;
+* ``blocking_copy``: a copy between devices (``aten._to_copy``, ``aten.copy_``) to or from a device other than the
+  CPU without ``non_blocking=True``. On CUDA a blocking copy waits for the whole stream. Tests use the ``meta``
+  device as the target, where the copy's flags are recorded like anywhere else (``SyncCounter.copies``).
 
 torchmetrics keeps ``update()`` free of these; ``tests/test_no_syncs.py`` holds the MaxUp step to the same rule.
 """
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SYNCING_OPS", "SyncCounter", "is_syncing"]
+__all__ = ["SYNCING_OPS", "SyncCounter", "cross_device_copy", "is_blocking_copy", "is_syncing"]
 
 #: Overload packets whose every call is a sync (or a host-to-device copy of Python data).
 SYNCING_OPS: frozenset[str] = frozenset(
@@ -51,9 +54,30 @@ _READ_ON_HOST = ("tolist", "numpy")
 _MASK_INDEXED = frozenset({"index", "_index_put_impl_", "index_put", "index_put_"})
 
 
-def is_syncing(func: Any, args: Any = ()) -> bool:
+def cross_device_copy(func: Any, args: Any = (), kwargs: Any = None) -> tuple[str, str, bool] | None:
+    """``(source device type, target device type, non_blocking)`` if ``func`` copies between devices, else None."""
+    name, kwargs = func.overloadpacket.__name__, kwargs or {}
+    if name == "_to_copy" and args and isinstance(args[0], torch.Tensor):
+        target = kwargs.get("device")
+        if target is None or torch.device(target) == args[0].device:
+            return None
+        return args[0].device.type, torch.device(target).type, bool(kwargs.get("non_blocking", False))
+    if name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor) and args[0].device != args[1].device:
+        flag = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        return args[1].device.type, args[0].device.type, bool(flag)
+    return None
+
+
+def is_blocking_copy(copy: tuple[str, str, bool] | None) -> bool:
+    """Whether a copy found by :func:`cross_device_copy` involves a device other than the CPU and blocks."""
+    return copy is not None and not copy[2] and (copy[0] != "cpu" or copy[1] != "cpu")
+
+
+def is_syncing(func: Any, args: Any = (), kwargs: Any = None) -> bool:
     """Whether the aten op ``func`` (an ``OpOverload``) called with ``args`` makes the host wait for the device."""
     name = func.overloadpacket.__name__
+    if name in ("_to_copy", "copy_"):
+        return is_blocking_copy(cross_device_copy(func, args, kwargs))
     if name in _MASK_INDEXED and len(args) > 1:
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ())
     return name in SYNCING_OPS and name != "nonzero_static"
@@ -81,11 +105,18 @@ class SyncCounter(TorchDispatchMode):
         ...     _ = int(x.sum())
         >>> c.ops
         ['_local_scalar_dense']
+        >>> with SyncCounter() as c:
+        ...     _ = x.to("meta")
+        ...     _ = x.to("meta", non_blocking=True)
+        >>> c.ops, c.copies
+        (['blocking_copy'], [('cpu', 'meta', False), ('cpu', 'meta', True)])
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.syncs: list[_Sync] = []
+        #: Every copy between devices: ``(source device type, target device type, non_blocking)``.
+        self.copies: list[tuple[str, str, bool]] = []
         self._patched: dict[str, Any] = {}
 
     def __enter__(self) -> SyncCounter:
@@ -112,7 +143,12 @@ class SyncCounter(TorchDispatchMode):
         return method
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if is_syncing(func, args):
+        copy = cross_device_copy(func, args, kwargs)
+        if copy is not None:
+            self.copies.append(copy)
+            if is_blocking_copy(copy):
+                self.syncs.append(_Sync("blocking_copy", _caller()))
+        elif is_syncing(func, args, kwargs):
             self.syncs.append(_Sync(func.overloadpacket.__name__, _caller()))
         return func(*args, **(kwargs or {}))
 

@@ -1,8 +1,9 @@
 """Issue 9, item 2: what each selection mode does with dropout.
 
 ``selection_mode="eval"`` scores the copies with dropout off; ``selection_mode="train"`` keeps dropout on, with
-masks drawn from the global generator, whose state is restored afterwards, so the gradient pass draws the masks it
-would have drawn without a selection pass. Either way the model's ``training`` flags are as they were.
+masks of its own: the global generator is seeded, inside the selection pass, from a hash of its state as the step
+found it, and restored afterwards, so the gradient pass draws the masks it would have drawn without a selection
+pass, independent of the selection's. Either way the model's ``training`` flags are as they were.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.functional import MaxUpOutput, maxup_step
+from lightning_maxup.functional import MaxUpOutput, _seed_from_global_rng, maxup_step
 
 B, M, C = 8, 4, 3
 
@@ -76,8 +77,10 @@ def test_eval_mode_scores_copies_with_dropout_off() -> None:
 def test_train_mode_scores_copies_with_dropout_on() -> None:
     model = _model()
     out = _step(model, "train", global_seed=3)
-    # Masks come from the global generator as it was when the step started.
-    expected = _reference_losses(model, out.candidates, training=True, seed=3).view(M, B)
+    # Masks come from the global generator seeded from its state as the step found it (not that state itself,
+    # which the gradient pass draws from).
+    torch.manual_seed(3)
+    expected = _reference_losses(model, out.candidates, training=True, seed=_seed_from_global_rng(())).view(M, B)
     _assert_equal(out.candidate_losses, expected, "train-mode candidate losses vs. a dropout-on reference")
     eval_scores = _reference_losses(model, out.candidates, training=False, seed=0).view(M, B)
     differ = ~torch.isclose(out.candidate_losses, eval_scores, rtol=1e-4, atol=1e-6)

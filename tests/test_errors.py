@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_maxup._deferred import StepClock
 from lightning_maxup.augment import GaussianNoise
 from lightning_maxup.certify.recipes import SmoothAdvClassifier
 from lightning_maxup.functional import maxup_step
-from lightning_maxup.mixin import _StepClock
 
 
 class _Failing(nn.Module):
@@ -97,7 +97,7 @@ class _FakeEvent:
 def test_cuda_step_clock_reports_at_a_fixed_lag_without_stalling(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     _FakeEvent.clock = _FakeEvent.done = 0.0
-    clock, cuda = _StepClock(), torch.device("cuda")
+    clock, cuda = StepClock(), torch.device("cuda")
     shares = []
     # Each step: 1 time unit selecting, 3 for the rest; the device runs one step (4 units) behind the host.
     for step in range(6):
@@ -114,8 +114,8 @@ def test_cuda_step_clock_reports_at_a_fixed_lag_without_stalling(monkeypatch: py
 
 def test_cpu_step_clock_shares_the_interval_between_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0.0]
-    monkeypatch.setattr("lightning_maxup.mixin.time.perf_counter", lambda: now[0])
-    clock, cpu = _StepClock(), torch.device("cpu")
+    monkeypatch.setattr("lightning_maxup._deferred.time.perf_counter", lambda: now[0])
+    clock, cpu = StepClock(), torch.device("cpu")
     shares = []
     for selects in (True, False, True):
         shares.append(clock.tick(cpu))

@@ -2,9 +2,10 @@
 
 With it, and a model without batch statistics, 2 ranks with batches of B/2 make the same parameter update as
 1 process with batches of B: a ``DistributedSampler(shuffle=False)`` (the test module's own; Lightning's default
-one shuffles) deals sample ``2j + r`` to rank ``r``, so the two ranks' batches together are the single process's
+one shuffles) deals item ``2j + r`` to rank ``r``, so the two ranks' batches together are the single process's
 batch, each sample gets the same copies, the same worst copy and the same gradient, and DDP's gradient average
-equals the big batch's mean.
+equals the big batch's mean. Every sample appears twice, and its two items land on different ranks: a repeat is
+keyed by its occurrence in the global batch, so it draws copies of its own in both runs.
 """
 
 from __future__ import annotations
@@ -179,8 +180,11 @@ def test_point_subset_view_is_world_size_invariant() -> None:
         assert torch.equal(view((x[rows], y[rows]))[0], whole[rows])
 
 
-def _fit(out: Path, devices: int, batch_size: int) -> dict[str, Any]:
-    model = LitDDP(norm="none", n=32, batch_size=batch_size, indexed=True, m=4, seed=11, randomness="sample", lr=0.2)
+def _fit(out: Path, devices: int, batch_size: int, repeats: int) -> dict[str, Any]:
+    model = LitDDP(
+        norm="none", n=32, batch_size=batch_size, indexed=True, repeats=repeats, m=4, seed=11, randomness="sample",
+        lr=0.2,
+    )  # fmt: skip
     strategy: Any = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)) if devices > 1 else "auto"
     pl.Trainer(
         accelerator="cpu",
@@ -203,8 +207,12 @@ def _fit(out: Path, devices: int, batch_size: int) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.usefixtures("file_system_sharing")
 def test_two_ranks_half_batch_match_one_process_full_batch(tmp_path: Path) -> None:
-    single = _fit(tmp_path / "single", devices=1, batch_size=8)
-    double = _fit(tmp_path / "ddp", devices=2, batch_size=4)
+    # Each sample twice in a row: one process sees [0, 0, 1, 1, ...]; the sampler deals the repeats to ranks 0 and
+    # 1, as DeiT's RASampler does. Keyed by their occurrence in the global batch, both runs draw the same copies.
+    single = _fit(tmp_path / "single", devices=1, batch_size=8, repeats=2)
+    double = _fit(tmp_path / "ddp", devices=2, batch_size=4, repeats=2)
+    assert single["steps"][0]["index"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert double["steps"][0]["index"] == [0, 1, 2, 3], "rank 0 holds the first of each pair"
     assert len(single["steps"]) == len(double["steps"]) == 2 * 32 // 8
     assert all(s["m"] == 4 for s in single["steps"])
     initial = {"params": [p.detach().double().flatten().tolist() for p in LitDDP(norm="none").parameters()]}

@@ -146,6 +146,9 @@ class LitDDP(MaxUpMixin, pl.LightningModule):
         batch_size: Samples per batch and rank.
         n: Size of the synthetic training set.
         indexed: Yield ``(x, y, index)`` batches, for ``randomness="sample"``.
+        repeats: With ``indexed``, item ``i`` is sample ``i // repeats`` (index included): each sample appears
+            ``repeats`` times in a row, and a ``DistributedSampler`` deals the repeats to different ranks, as
+            repeated-augmentation samplers do.
         lr: SGD learning rate.
         **maxup: Passed on to :class:`~lightning_maxup.MaxUpMixin`.
     """
@@ -157,6 +160,7 @@ class LitDDP(MaxUpMixin, pl.LightningModule):
         batch_size: int = 8,
         n: int = 64,
         indexed: bool = False,
+        repeats: int = 1,
         lr: float = 0.05,
         **maxup: Any,
     ) -> None:
@@ -168,6 +172,7 @@ class LitDDP(MaxUpMixin, pl.LightningModule):
         self.batch_size = batch_size
         self.n = n
         self.indexed = indexed
+        self.repeats = repeats
         self.lr = lr
         self.steps: list[dict[str, Any]] = []
 
@@ -211,7 +216,10 @@ class LitDDP(MaxUpMixin, pl.LightningModule):
             start = sum(counts[:rank])
             tensors = (x[start : start + counts[rank]], y[start : start + counts[rank]])
         ds: Any = TensorDataset(*tensors)
-        if self.indexed:
+        if self.indexed and self.repeats > 1:
+            sample = torch.arange(len(tensors[0])) // self.repeats
+            ds = TensorDataset(*(t[sample] for t in tensors), sample)
+        elif self.indexed:
             ds = IndexedDataset(ds)
         sampler = None
         if self.per_rank_samples is None and self.trainer.world_size > 1:
