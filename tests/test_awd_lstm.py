@@ -195,3 +195,30 @@ def test_nt_asgd_averages_the_iterates_once_triggered() -> None:
     assert all(torch.equal(p, a) for p, a in zip(model.parameters(), model._average, strict=True))
     model._swap_out_average()  # ... and training goes on from the last iterate
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), last, strict=True))
+
+
+def test_benchmark_corpus_preparation_splits_files_and_caps_the_vocabulary(tmp_path: Path, monkeypatch: Any) -> None:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "lm_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "language_model.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "lm_benchmark", bench)  # its dataclass looks its module up
+    spec.loader.exec_module(bench)
+    source, out = tmp_path / "src", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    for i in range(20):  # files 8 and 18 validate, 9 and 19 test, the rest train
+        (source / f"f{i:02d}.txt").write_text(f"x{chr(97 + i)} common, common.\n\nrare{chr(97 + i)}\n")
+    stats = bench.prepare_corpus(source, out, train_tokens=10_000, eval_tokens=10_000, vocab=5, min_count=2)
+    train = (out / "train.txt").read_text().split()
+    assert stats["files"] == 20
+    assert "xi" not in (out / "train.txt").read_text()  # no validation text in training: the word of file 8
+    assert "<unk>" in train
+    assert set(train) == {"common", ",", ".", "<unk>"}  # the 3 most frequent seen twice or more, the rest <unk>
+    assert (out / "valid.txt").read_text().split() == ["<unk>", "common", ",", "common", ".", "<unk>"] * 2
+    assert stats["train_tokens"] == 16 * 8  # 5 + 1 and 1 + 1 tokens per file, <eos> counted
