@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_maxup._lightning import pl
 
-__all__ = ["UNK", "EOS", "Vocabulary", "WindowLoader", "WindowSampler", "WordLanguageData", "batchify", "read_words"]
+__all__ = ["Vocabulary", "WindowLoader", "WindowSampler", "WordLanguageData", "batchify", "read_words"]
 
 UNK, EOS = "<unk>", "<eos>"
 
