@@ -155,3 +155,34 @@ def test_a_per_token_loss_gets_the_hint_to_reduce_over_tokens_in_the_users_terms
     assert "reduce over the tokens" in message
     assert ".mean(dim=1)" in message
     assert "use reduction='none'" not in message
+
+
+class _CountedLM(_LM):
+    """Counts the syncing ops of every step after the first (which holds the pre-flight check), per epoch."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.syncs: list[tuple[int, int, list[str]]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        from tests.sync_counter import SyncCounter
+
+        if self._maxup_prepared_for is None:
+            return self.maxup_step(batch).loss
+        with SyncCounter() as counter:
+            loss = self.maxup_step(batch).loss
+        ops = [x.op for x in counter.syncs if not x.where.startswith("result.py") or " __init__ " not in x.where]
+        self.syncs.append((self.current_epoch, batch_idx, ops))
+        return loss
+
+
+def test_the_epoch_checks_read_the_device_once_per_epoch_not_per_step() -> None:
+    model = _CountedLM(m=2, augment=WordEmbeddingDropout(0.3, V), check_finite=False)
+    _fit(model, _Tokens(), epochs=3, warmup=1)
+    for epoch, batch_idx, ops in model.syncs:
+        if batch_idx == 0 and epoch >= 2:  # the previous epoch's identical-copies flag and out-of-range count
+            assert ops == ["_local_scalar_dense"] * 4, (epoch, ops)
+        elif batch_idx == 0 and epoch == 1:  # the warm-up epoch accumulated only the out-of-range count
+            assert ops == ["_local_scalar_dense"] * 3, (epoch, ops)
+        else:
+            assert ops == [], (epoch, batch_idx, ops)
