@@ -13,8 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_maxup import MaxUp, MaxUpMixin
-from lightning_maxup.augment import WordEmbeddingDropout, embedding_scale
-from lightning_maxup.augment.text import TokenBatch, sequence_loss
+from lightning_maxup.augment import TokenBatch, WordEmbeddingDropout, embedding_scale, sequence_loss
 from tests.trainer_options import quiet_trainer_options
 
 V, T = 12, 6
