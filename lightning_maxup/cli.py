@@ -126,7 +126,25 @@ def _lightning_cli_class(namespace: Any) -> type:
             if self.trainer.is_global_zero:
                 print(_fit_summary(self.trainer))
 
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            _link_vocab_size(parser)
+
     return _CLI
+
+
+def _link_vocab_size(parser: Any) -> None:
+    """Language models: a data module's ``vocab_size`` becomes the model's, computed once the data is built.
+
+    The link is conditional: it applies where the data module has a ``vocab_size`` and the model takes one
+    (:class:`~lightning_maxup.textdata.WordLanguageData` and
+    :class:`~lightning_maxup.models.awd_lstm.AWDLSTMLanguageModel`, whose augmentation is built from it), and
+    leaves every other configuration as it is.
+    """
+    parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=_vocab_size_of, apply_on="instantiate")
+
+
+def _vocab_size_of(data: Any) -> int | None:
+    return getattr(data, "vocab_size", None)
 
 
 def cli_main(argv: list[str] | None = None) -> None:

@@ -239,21 +239,50 @@ def chunk_bounds(rows: int, chunk_size: int | None = None, num_chunks: int | Non
     return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
 
-def check_losses(losses: Any, rows: int, name: str) -> Tensor:
+def check_losses(losses: Any, rows: int, name: str, *, m: int = 1, candidates: int | None = None) -> Tensor:
     """Return ``losses`` if it is a 1-D tensor of ``rows`` per-sample losses, else raise naming ``name``.
+
+    The message speaks of the user's batch: with ``m > 1`` (the selection pass), ``rows`` are (a chunk of) the
+    ``candidates = m * B`` augmented copies of the user's ``B`` samples, and the message says so; a ``[rows, T]``
+    result (a per-token loss) gets the hint to take the mean over tokens.
 
     Example:
         >>> check_losses(torch.zeros(3), 3, "per_sample_loss").shape
         torch.Size([3])
-    """
+        >>> check_losses(torch.zeros(8, 5), 8, "per_sample_loss", m=4, candidates=8)
+        Traceback (most recent call last):
+        ...
+        ValueError: `per_sample_loss` must return a 1-D tensor with one loss per row it is given (shape [8]), got shape [8, 5]; in MaxUp's selection pass the rows are the 8 candidates (m=4 copies of each of your 2 samples). That is one loss per token: reduce over the tokens, e.g. F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=1) (lightning_maxup.augment.sequence_loss leaves padding out)
+    """  # noqa: E501
     if not isinstance(losses, Tensor):
         raise TypeError(f"`{name}` must return a tensor of per-sample losses, got {type(losses).__name__}")
     if losses.dim() != 1 or losses.shape[0] != rows:
         raise ValueError(
-            f"`{name}` must return a 1-D tensor with one loss per sample (shape [{rows}]), got shape"
-            f" {list(losses.shape)}; use reduction='none'"
+            f"`{name}` must return a 1-D tensor with one loss per row it is given (shape [{rows}]), got shape"
+            f" {list(losses.shape)}; {_rows_phrase(rows, m, candidates)}. {_shape_hint(losses, rows)}"
         )
     return losses
+
+
+def _rows_phrase(rows: int, m: int, candidates: int | None) -> str:
+    """The rows a loss function was called on, in the terms of the user's batch."""
+    if m <= 1 or candidates is None:
+        return f"the rows are your batch of {rows} samples"
+    what = f"the {candidates} candidates (m={m} copies of each of your {candidates // m} samples)"
+    if rows == candidates:
+        return f"in MaxUp's selection pass the rows are {what}"
+    return f"in MaxUp's selection pass the rows are a chunk of {rows} of {what}"
+
+
+def _shape_hint(losses: Tensor, rows: int) -> str:
+    if losses.dim() >= 2 and losses.shape[0] == rows:
+        return (
+            "That is one loss per token: reduce over the tokens, e.g. F.cross_entropy(logits.transpose(1, 2),"
+            ' targets, reduction="none").mean(dim=1) (lightning_maxup.augment.sequence_loss leaves padding out)'
+        )
+    if losses.dim() == 0:
+        return "A scalar is the batch's mean: pass reduction='none' to the loss"
+    return "Return one value per row (reduction='none', then reduce every dimension but the first)"
 
 
 def check_finite(losses: Tensor, what: str) -> None:
@@ -365,7 +394,7 @@ def selection_losses(
                 if relabelled is None:
                     raise
                 raise relabelled from err
-            chunks.append(check_losses(losses, hi - lo, name).float())
+            chunks.append(check_losses(losses, hi - lo, name, m=config.m, candidates=rows).float())
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_maxup._deferred import FiniteGuard, StepClock
+from lightning_maxup._epoch_checks import EpochChecks
 from lightning_maxup._lightning import rank_zero_warn
 from lightning_maxup.augment.image import GaussianNoise
 from lightning_maxup.batch import Candidates, batch_size, slice_rows
@@ -190,6 +191,7 @@ class MaxUpMixin:
         self._maxup_generator: torch.Generator | None = None
         self._maxup_clock = StepClock()
         self._maxup_finite = FiniteGuard()
+        self._maxup_epoch_checks = EpochChecks()
         self._maxup_cached_config: tuple[MaxUpConfig, int, MaxUpConfig] | None = None
         register = getattr(self, "register_load_state_dict_pre_hook", None)
         if callable(register):  # a checkpoint from before the state moved into the state_dict loads too
@@ -426,10 +428,20 @@ class MaxUpMixin:
             self._maxup_finite(out.candidate_losses, what)
             if self._maxup_finite.pending and _last_step_of_run(self._maxup_trainer()):
                 self._maxup_finite.flush()
+        self._maxup_epoch_checks.step(self._maxup_epoch(), out.candidate_losses.detach(), *self._maxup_check_args())
         self._maxup_clock.selection_done(out.selection_seconds)
         self._maxup_log(out, share)
         self.maxup_last_output = out if self.maxup_record else None
         return out
+
+    def _maxup_epoch(self) -> int:
+        trainer = self._maxup_trainer()
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def _maxup_check_args(self) -> tuple[Any, Callable[[str], None]]:
+        augment = self.maxup_config.augment
+        augment = getattr(augment, "__wrapped__", augment)  # a monitor may wrap it on the steps it records
+        return augment, lambda message: self._maxup_warn_once("identical-copies", message)
 
     def maxup_selection_loss(self, batch: Any) -> Tensor:
         """``per_sample_loss`` with :attr:`maxup_selecting` set, for candidate rows.
@@ -588,13 +600,15 @@ class MaxUpMixin:
             _maxup_prepared_for=None,
             _maxup_clock=StepClock(),
             _maxup_finite=FiniteGuard(),
+            _maxup_epoch_checks=EpochChecks(),
             maxup_last_output=None,
         )
         return state
 
     def on_train_end(self) -> None:
-        """Read the non-finite counts still in flight from the last steps (accelerators only)."""
+        """Read the checks still in flight: non-finite counts (accelerators only) and the last epoch's checks."""
         self._maxup_finite.flush()
+        self._maxup_epoch_checks.close(*self._maxup_check_args())
         parent = getattr(super(), "on_train_end", None)
         if parent is not None:
             parent()

@@ -191,7 +191,7 @@ _FEATURES: dict[type, Callable[[Any, dict[str, Any]], dict[str, Tensor]]] = {
     PointJitter: lambda a, p: {"noise_norm": _norms((a.sigma * p["noise"]).clamp(-a.clip, a.clip))},
     RandomPointRotation: lambda a, p: {"angle": p["angle"]},
     RandomPointScale: lambda a, p: _columns("scale", p["scale"], "xyz"),
-    WordEmbeddingDropout: lambda a, p: {"kept_fraction": p["keep"].double().mean(dim=1)},
+    WordEmbeddingDropout: lambda a, p: {"kept_fraction": a.kept_fraction(p)},
     RandAugment: _randaugment,
     # Their draws are seeds of a third-party library's generator: nothing to read in them.
     TorchvisionAdapter: lambda a, p: {},

@@ -309,15 +309,20 @@ def test_out_of_range_labels_after_the_first_call_fail_the_step_finiteness_check
         maxup_step(loss_fn, (x, torch.full_like(y, 9)), augment=aug, m=2, generator=torch.Generator().manual_seed(0))
 
 
-def test_word_dropout_token_range_is_checked_on_the_first_call_and_later_gives_nan_scales():
+def test_word_dropout_token_range_is_checked_on_the_first_call_and_later_counted_on_the_device():
     from lightning_maxup.augment import WordEmbeddingDropout
 
     aug = WordEmbeddingDropout(0.3, vocab_size=6)
     tokens = torch.tensor([[0, 5, 2], [1, 1, 3]])
     aug((tokens, tokens), generator=torch.Generator().manual_seed(0))
+    aug.check_deferred()  # nothing out of range yet
     bad = torch.tensor([[0, 6, 2], [1, -1, 3]])
-    _, _, scale = aug((bad, bad), generator=torch.Generator().manual_seed(0))
-    assert scale.isnan().tolist() == [[False, True, False], [False, True, False]]
+    scale = aug((bad, bad), generator=torch.Generator().manual_seed(0)).embedding_scale
+    assert not scale.isnan().any()  # never a NaN loss: the ids are named by check_deferred instead
+    assert scale[:, 1].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match=r"2 token id\(s\) outside \[0, `vocab_size`=6\).*from -1 to 6"):
+        aug.check_deferred()
+    aug.check_deferred()  # read and reset
     with pytest.raises(ValueError, match=r"token ids in \[0, `vocab_size`=6\), got values in \[-1, 6\]"):
         aug.check((bad, bad))
 

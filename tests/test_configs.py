@@ -125,7 +125,8 @@ def test_recipe_runs_maxup_steps(run_fit: Any, name: str, overrides: list[str], 
 
 def test_every_config_is_tested() -> None:
     tested = {p.values[0] for p in RECIPES}
-    owned = {p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("certify_")}
+    # lm_*.yaml read text files: tests/test_awd_lstm.py runs them on a tiny corpus the test writes.
+    owned = {p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("certify_", "lm_"))}
     assert owned <= tested, f"configs without a test: {sorted(owned - tested)}"
 
 

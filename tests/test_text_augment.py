@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_maxup.augment import WordEmbeddingDropout, embedding_scale
+from lightning_maxup.augment.text import TokenBatch
 from lightning_maxup.functional import maxup_step
 from lightning_maxup.random import KeyedGenerator
 
@@ -35,7 +36,8 @@ def test_scale_matches_reference():
     tokens = torch.randint(0, 11, (5, 9))
     aug = WordEmbeddingDropout(0.3, vocab_size=11)
     params = aug.sample((tokens, tokens), _gen())
-    x, y, scale = aug.apply((tokens, tokens), params)
+    x, y = out = aug.apply((tokens, tokens), params)
+    scale = out.embedding_scale
     assert torch.equal(x, tokens)
     assert torch.equal(y, tokens)
     expected = _reference_scale(tokens, params["keep"], 0.3)
@@ -47,7 +49,7 @@ def test_scaled_lookup_equals_dropped_embedding_matrix():
     tokens = torch.randint(0, 7, (3, 12))
     aug = WordEmbeddingDropout(0.5, vocab_size=7)
     params = aug.sample(tokens, _gen(2))
-    _, scale = aug.apply(tokens, params)
+    scale = embedding_scale(aug.apply(tokens, params))
     got = emb(tokens) * scale[..., None]
     expected = _reference_embedded(emb.weight, tokens, params["keep"], 0.5)
     assert torch.allclose(got, expected, atol=1e-6), f"largest error {(got - expected).abs().max()}"
@@ -55,14 +57,14 @@ def test_scaled_lookup_equals_dropped_embedding_matrix():
 
 def test_masks_are_word_level_and_independent_per_row():
     tokens = torch.arange(50).repeat(2)[None].expand(16, 100)
-    _, scale = WordEmbeddingDropout(0.5, vocab_size=50)(tokens, generator=_gen())
+    scale = embedding_scale(WordEmbeddingDropout(0.5, vocab_size=50)(tokens, generator=_gen()))
     assert torch.equal(scale[:, :50], scale[:, 50:])  # both occurrences of a word share its fate
     assert len({tuple(r.tolist()) for r in scale}) == 16
 
 
 def test_drop_rate_and_expectation():
     tokens = torch.randint(0, 1000, (64, 100))
-    _, scale = WordEmbeddingDropout(0.2, vocab_size=1000)(tokens, generator=_gen())
+    scale = embedding_scale(WordEmbeddingDropout(0.2, vocab_size=1000)(tokens, generator=_gen()))
     drop = float((scale == 0).float().mean())
     # 6400 tokens; words repeat, so fewer independent draws, but ~64 * 1000 mask entries: rate within 0.02.
     assert abs(drop - 0.2) < 0.02, drop
@@ -71,16 +73,16 @@ def test_drop_rate_and_expectation():
 
 def test_p_zero_keeps_everything():
     tokens = torch.randint(0, 5, (3, 4))
-    _, scale = WordEmbeddingDropout(0.0, vocab_size=5)(tokens, generator=_gen())
+    scale = embedding_scale(WordEmbeddingDropout(0.0, vocab_size=5)(tokens, generator=_gen()))
     assert torch.equal(scale, torch.ones(3, 4))
 
 
 @pytest.mark.parametrize(
     ("batch", "check"),
     [
-        pytest.param("tensor", lambda out: isinstance(out, tuple) and len(out) == 2, id="tensor"),
-        pytest.param("tuple", lambda out: isinstance(out, tuple) and len(out) == 3, id="tuple"),
-        pytest.param("list", lambda out: isinstance(out, list) and len(out) == 3, id="list"),
+        pytest.param("tensor", lambda out: isinstance(out, TokenBatch) and len(out) == 1, id="tensor"),
+        pytest.param("tuple", lambda out: isinstance(out.items, tuple) and len(out) == 2, id="tuple"),
+        pytest.param("list", lambda out: isinstance(out.items, list) and len(out) == 2, id="list"),
         pytest.param("dict", lambda out: set(out) == {"tokens", "targets", "embedding_scale"}, id="dict"),
     ],
 )
@@ -104,11 +106,11 @@ def test_keyed_draws_do_not_depend_on_the_batch_split():
     tokens = torch.randint(0, 20, (6, 8))
     keys = torch.arange(6)
     aug = WordEmbeddingDropout(0.4, vocab_size=20)
-    whole = aug(tokens, generator=KeyedGenerator(1, keys))[1]
+    whole = embedding_scale(aug(tokens, generator=KeyedGenerator(1, keys)))
     parts = torch.cat(
         [
-            aug(tokens[:3], generator=KeyedGenerator(1, keys[:3]))[1],
-            aug(tokens[3:], generator=KeyedGenerator(1, keys[3:]))[1],
+            embedding_scale(aug(tokens[:3], generator=KeyedGenerator(1, keys[:3]))),
+            embedding_scale(aug(tokens[3:], generator=KeyedGenerator(1, keys[3:]))),
         ]
     )
     assert torch.equal(whole, parts)
@@ -157,7 +159,8 @@ def test_maxup_reuses_the_worst_copys_mask_in_the_gradient_pass():
     calls = []
 
     def loss_fn(batch):
-        x, y, scale = batch
+        x, y = batch
+        scale = embedding_scale(batch)
         calls.append(scale.clone())
         return F.cross_entropy(net(x, scale).transpose(1, 2), y, reduction="none").mean(1)
 

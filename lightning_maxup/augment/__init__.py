@@ -25,7 +25,7 @@ from lightning_maxup.augment.pointcloud import (
     RandomPointScale,
 )
 from lightning_maxup.augment.randaugment import RandAugment
-from lightning_maxup.augment.text import WordEmbeddingDropout, embedding_scale
+from lightning_maxup.augment.text import TokenBatch, WordEmbeddingDropout, embedding_scale, sequence_loss
 from lightning_maxup.views import Downsample
 
 # Hyperparameters saved with save_hyperparameters() load under torch.load(weights_only=True), Lightning's default.
@@ -53,8 +53,10 @@ __all__ = [
     "RandomPointRotation",
     "RandomPointScale",
     # language models
+    "TokenBatch",
     "WordEmbeddingDropout",
     "embedding_scale",
+    "sequence_loss",
     # third-party adapters (kornia is imported only when a KorniaAdapter is built)
     "KorniaAdapter",
     "TorchvisionAdapter",

@@ -1,8 +1,17 @@
 """Ready-made networks and a generic MaxUp classifier for the CLI, the demo and the examples."""
 
+from lightning_maxup.models.awd_lstm import AWDLSTM, AWDLSTMLanguageModel
 from lightning_maxup.models.classifier import MaxUpClassifier
 from lightning_maxup.models.resnet_cifar import CIFARResNet, InputNormalization
 from lightning_maxup.models.small import SmallCNN
 from lightning_maxup.models.wide_resnet import WideResNet
 
-__all__ = ["CIFARResNet", "InputNormalization", "MaxUpClassifier", "SmallCNN", "WideResNet"]
+__all__ = [
+    "AWDLSTM",
+    "AWDLSTMLanguageModel",
+    "CIFARResNet",
+    "InputNormalization",
+    "MaxUpClassifier",
+    "SmallCNN",
+    "WideResNet",
+]
