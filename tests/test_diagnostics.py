@@ -284,7 +284,7 @@ def test_logged_loss_is_the_trained_loss(warmup_run: Any) -> None:
     assert logged == recorded.losses, "maxup/loss must be the loss each step back-propagated"
     for epoch, row in enumerate(logger.epoch_rows()):  # equal batch sizes: the epoch value is the mean of steps
         assert row["maxup/loss_epoch"] == pytest.approx(sum(recorded.losses[4 * epoch : 4 * epoch + 4]) / 4, rel=1e-6)
-    assert "maxup/loss" not in trainer.progress_bar_metrics  # off the bar by default: Lightning reads bar values every step
+    assert "maxup/loss" not in trainer.progress_bar_metrics  # off the bar by default (a read per step)
 
 
 def test_functional_loss_is_the_gradient_pass() -> None:
