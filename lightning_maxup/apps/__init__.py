@@ -1,0 +1,1 @@
+"""Applications: the ``lightning-maxup`` command, the digits demo and its study."""

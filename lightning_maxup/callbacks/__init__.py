@@ -1,0 +1,1 @@
+"""Diagnostic callbacks: what MaxUp selects (:class:`SelectionMonitor`) and epoch timing."""

@@ -1,0 +1,1 @@
+"""The MaxUp step as tensor functions, its options and its batch-tree helpers; no Lightning imports."""

@@ -1,0 +1,1 @@
+"""Ready-made models, data modules and fine-tuning helpers built on the library."""

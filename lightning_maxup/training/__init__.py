@@ -1,0 +1,1 @@
+"""The Lightning glue: :class:`MaxUpMixin`, the :class:`MaxUp` callback and their helpers."""
