@@ -27,7 +27,7 @@ from lightning_maxup.augment import (
     TorchvisionAdapter,
 )
 from lightning_maxup.augment.adapters import seeded_rng
-from lightning_maxup.random import KeyedGenerator
+from lightning_maxup.core.random import KeyedGenerator
 
 
 def _time(fn: Callable[[], Any], repeats: int) -> float:

@@ -38,7 +38,7 @@ from scipy.stats import beta, norm
 from torch import Tensor, nn
 
 from lightning_maxup.certify import Smooth
-from lightning_maxup.models import CIFARResNet, SmallCNN
+from lightning_maxup.recipes.models import CIFARResNet, SmallCNN
 
 try:  # `python benchmarks/certify_speed.py` puts benchmarks/ on sys.path; `python -m ...` does not
     from _common import environment, markdown_table, replace_between_markers, time_interleaved, write_json

@@ -1,4 +1,4 @@
-"""What :class:`~lightning_maxup.fidelity.SelectionFidelity` costs: the same training with and without it.
+"""What :class:`~lightning_maxup.evaluation.fidelity.SelectionFidelity` costs: the same training with and without it.
 
 Run from the repository root (prints a Markdown table, writes JSON)::
 
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup.augment import Compose, Cutout, RandomCrop
-from lightning_maxup.data import load_digits_split
-from lightning_maxup.fidelity import SelectionFidelity
-from lightning_maxup.models import MaxUpClassifier, SmallCNN
+from lightning_maxup.data.datasets import load_digits_split
+from lightning_maxup.evaluation.fidelity import SelectionFidelity
+from lightning_maxup.recipes.models import MaxUpClassifier, SmallCNN
 
 try:  # `python benchmarks/fidelity_overhead.py` puts benchmarks/ on sys.path; `python -m ...` does not
     from _common import environment, markdown_table, write_json

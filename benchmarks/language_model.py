@@ -7,7 +7,8 @@ order, 8 to training, 1 to validation and 1 to test of every 10; ``--train-token
 slice of each (the machine decides how much fits in the time budget); words seen fewer than ``--min-count`` times in
 the training slice, and all words past the ``--vocab`` most frequent, become ``<unk>``.
 
-For every seed both methods train the same AWD-LSTM (:mod:`lightning_maxup.models.awd_lstm`, scaled down) from the
+For every seed both methods train the same AWD-LSTM (:mod:`lightning_maxup.recipes.models.awd_lstm`, scaled down) from
+the
 same initial weights for the same epochs: ``ordinary`` draws one word-embedding dropout mask per sequence (m = 1
 throughout); ``MaxUp`` draws two and trains on the worse, after ``--warmup`` ordinary epochs. Reported: validation
 and test perplexity of the final (averaged, once NT-ASGD triggered) weights, the paired difference MaxUp -
@@ -38,10 +39,10 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_maxup import MaxUp
-from lightning_maxup.demo import paired_interval
-from lightning_maxup.models.awd_lstm import AWDLSTMLanguageModel
-from lightning_maxup.textdata import UNK, WordLanguageData
-from lightning_maxup.timing import EpochTimer
+from lightning_maxup.apps.study import paired_interval
+from lightning_maxup.callbacks.timing import EpochTimer
+from lightning_maxup.recipes.models.awd_lstm import AWDLSTMLanguageModel
+from lightning_maxup.recipes.textdata import UNK, WordLanguageData
 
 TOKEN = re.compile(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]")
 

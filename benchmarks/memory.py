@@ -46,8 +46,8 @@ def _worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from lightning_maxup.augment import Compose, Cutout, RandomHorizontalFlip
-    from lightning_maxup.functional import maxup_step
-    from lightning_maxup.models import SmallCNN
+    from lightning_maxup.core.functional import maxup_step
+    from lightning_maxup.recipes.models import SmallCNN
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

@@ -4,8 +4,8 @@ Images of mixed sizes (64-160 px a side, generated uint8 tensors held in memory:
 loader would add to the worker side only) go through torchvision's ``v2`` pipeline ``RandomResizedCrop(64)`` +
 ``RandomHorizontalFlip`` + ``RandAugment`` + ``ToDtype`` + ``Normalize``, m times per sample. Cases:
 
-* ``multiview/<w> workers``: :class:`lightning_maxup.data.MultiView` + ``multiview_collate`` in a DataLoader with
-  ``w`` workers (persistent), one full pass; crops come from the original images.
+* ``multiview/<w> workers``: :class:`lightning_maxup.data.multiview.MultiView` + ``multiview_collate`` in a DataLoader
+  with ``w`` workers (persistent), one full pass; crops come from the original images.
 * ``adapter (training process)``: :class:`lightning_maxup.augment.TorchvisionAdapter` on the expanded ``m * B``
   batch of already-resized 64 px uint8 images, a Python loop over rows in the training process (what a step with
   ``augment=TorchvisionAdapter(...)`` runs); the loader's resize is not timed.
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, replace_between_markers, time_interleaved, write_json  # noqa: E402
 
 from lightning_maxup.augment import Compose, RandAugment, RandomHorizontalFlip, TorchvisionAdapter  # noqa: E402
-from lightning_maxup.batch import expand_copies  # noqa: E402
-from lightning_maxup.data import MultiView  # noqa: E402
+from lightning_maxup.core.batch import expand_copies  # noqa: E402
+from lightning_maxup.data.multiview import MultiView  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

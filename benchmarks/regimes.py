@@ -1,12 +1,12 @@
 """Where MaxUp helps and where it hurts on the bundled digits: a gain map with paired 95 % intervals (issue 16).
 
 Every cell trains a SmallCNN (width 8) on 200 of the 1,257 training digits (20 per class) for 40 epochs, batch 64,
-with a plain PyTorch loop around :func:`lightning_maxup.functional.maxup_step` (the step the Lightning mixin
+with a plain PyTorch loop around :func:`lightning_maxup.core.functional.maxup_step` (the step the Lightning mixin
 calls; no Trainer, whose per-run start-up would cost more than a run here), via
-:func:`lightning_maxup.demo.train_regime`, which the demo uses too. MaxUp cells warm up with 5 epochs of ordinary
+:func:`lightning_maxup.apps.demo.train_regime`, which the demo uses too. MaxUp cells warm up with 5 epochs of ordinary
 augmentation. The gain of a cell is MaxUp minus ordinary augmentation (``m = 1``, same augmentation and
 optimiser) at the same seed, so with the same initial weights, batch order and warm-up draws: a paired
-difference, reported as its mean and 95 % Student-t interval over seeds (:func:`lightning_maxup.study.
+difference, reported as its mean and 95 % Student-t interval over seeds (:func:`lightning_maxup.apps.study.
 paired_difference`, the statistics ``lightning-maxup study`` reports).
 
 Three stages, so that every choice is made on the validation split and the test split is read once:
@@ -21,9 +21,9 @@ Three stages, so that every choice is made on the validation split and the test 
 3. **Test**: the confirmed cells' models, already trained, are evaluated once on the test split.
 
 Clean accuracy and worst-of-k accuracy (the share of samples whose k augmented copies, drawn from the cell's own
-augmentation with one fixed generator, are all classified correctly; :func:`lightning_maxup.metrics.
+augmentation with one fixed generator, are all classified correctly; :func:`lightning_maxup.evaluation.worst_of_k.
 worst_of_k_accuracy`) are reported for every cell, and for half-view cells the share of samples whose view pick
-is also the full input's worst copy (:func:`lightning_maxup.metrics.view_fidelity`).
+is also the full input's worst copy (:func:`lightning_maxup.evaluation.fidelity.view_fidelity`).
 
 Run it at one thread (the default), in the background::
 
@@ -53,8 +53,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, replace_between_markers, write_json  # noqa: E402
 
-from lightning_maxup.data import load_digits_split  # noqa: E402
-from lightning_maxup.demo import (  # noqa: E402
+from lightning_maxup.apps.demo import (  # noqa: E402
     AUGMENTS,
     OPTIMIZERS,
     AugmentName,
@@ -67,7 +66,8 @@ from lightning_maxup.demo import (  # noqa: E402
     train_regime,
     worst_of_k,
 )
-from lightning_maxup.study import PairedDifference, paired_difference  # noqa: E402  (one place for the statistics)
+from lightning_maxup.apps.study import PairedDifference, paired_difference  # noqa: E402  (one place for the statistics)
+from lightning_maxup.data.datasets import load_digits_split  # noqa: E402
 
 Split = tuple[Tensor, Tensor]
 #: The confirmation stage's seeds start here, apart from the screen's (0, 1, ...).

@@ -22,8 +22,8 @@ views apply; it is trained on the training split (batches of 64, learning rate d
 on the validation and test splits. Its selection
 forwards have the shapes of the first run's, so only agreement and regret are reported. Note that on these images
 the 8 px view holds nearly all the information there is (the originals are 8 px), and 16 px is half resolution.
-Agreement and regret come from :func:`lightning_maxup.metrics.view_fidelity`, which
-:class:`lightning_maxup.fidelity.SelectionFidelity` logs during training.
+Agreement and regret come from :func:`lightning_maxup.evaluation.fidelity.view_fidelity`, which
+:class:`lightning_maxup.evaluation.fidelity.SelectionFidelity` logs during training.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_maxup.augment import Compose, Cutout, RandomCrop, RandomHorizontalFlip
-from lightning_maxup.data import load_digits_split
-from lightning_maxup.functional import downsample_view
-from lightning_maxup.metrics import view_fidelity
-from lightning_maxup.models import CIFARResNet
+from lightning_maxup.core.views import downsample_view
+from lightning_maxup.data.datasets import load_digits_split
+from lightning_maxup.evaluation.fidelity import view_fidelity
+from lightning_maxup.recipes.models import CIFARResNet
 
 try:  # `python benchmarks/selection_fidelity.py` puts benchmarks/ on sys.path; `python -m ...` does not
     from _common import environment, markdown_table, replace_between_markers, time_interleaved, write_json

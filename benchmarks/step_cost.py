@@ -44,15 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_maxup._state import preserved as selection_context
 from lightning_maxup.augment import Compose, Cutout, RandomCrop, RandomHorizontalFlip
-from lightning_maxup.functional import (
-    downsample_view,
-    expand_copies,
-    gather_rows,
-    maxup_step,
-    select_worst,
-)
+from lightning_maxup.core._state import preserved as selection_context
+from lightning_maxup.core.batch import expand_copies, gather_rows
+from lightning_maxup.core.functional import maxup_step, select_worst
+from lightning_maxup.core.views import downsample_view
 
 try:  # `python benchmarks/step_cost.py` puts benchmarks/ on sys.path; `python -m benchmarks.step_cost` does not
     from _common import environment, markdown_table, replace_between_markers, time_call, time_interleaved, write_json
@@ -123,7 +119,7 @@ def build_model(name: str, num_classes: int) -> nn.Module:
 
         return getattr(torchvision.models, name)(num_classes=num_classes)
     if name == "small":
-        from lightning_maxup.models import SmallCNN
+        from lightning_maxup.recipes.models import SmallCNN
 
         return SmallCNN(3, num_classes, width=8)
     raise ValueError(f"Expected `--model` to be one of {sorted(MODEL_DEFAULTS)}, got {name!r}")

@@ -47,9 +47,9 @@ from _common import markdown_table  # noqa: E402
 
 from lightning_maxup import MaxUp, MaxUpMixin  # noqa: E402
 from lightning_maxup._lightning import pl  # noqa: E402
+from lightning_maxup.apps.demo import _quiet_lightning, set_threads  # noqa: E402
 from lightning_maxup.augment import RandomCrop  # noqa: E402
-from lightning_maxup.data import load_digits_split  # noqa: E402
-from lightning_maxup.demo import _quiet_lightning, set_threads  # noqa: E402
+from lightning_maxup.data.datasets import load_digits_split  # noqa: E402
 
 SIDE = 32
 #: Callback options and learning rate of each variant (``None`` lr: ``--lr``; ``m`` 1 is the baseline).

@@ -24,12 +24,13 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_maxup.callbacks.timing import EpochTimer
 from lightning_maxup.certify import Smooth
 from lightning_maxup.certify.recipes import RECIPE_OPTIONS, RECIPES, build_recipe
 from lightning_maxup.certify.table import plot_certified_accuracy, read_certification, write_certification
-from lightning_maxup.data import DigitsDataModule, load_digits_split
-from lightning_maxup.models import SmallCNN
-from lightning_maxup.timing import EpochTimer
+from lightning_maxup.data.datasets import load_digits_split
+from lightning_maxup.recipes.datamodules import DigitsDataModule
+from lightning_maxup.recipes.models import SmallCNN
 
 
 class MLP(nn.Module):

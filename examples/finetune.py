@@ -16,9 +16,9 @@ import pytorch_lightning as pl
 
 from lightning_maxup import MaxUp
 from lightning_maxup.augment import Compose, CutMix, RandomHorizontalFlip
-from lightning_maxup.datasets import ImageNetDataModule
-from lightning_maxup.finetune import FreezeNormalization, torchvision_model
-from lightning_maxup.models import MaxUpClassifier
+from lightning_maxup.data.datasets import ImageNetDataModule
+from lightning_maxup.recipes.finetune import FreezeNormalization, torchvision_model
+from lightning_maxup.recipes.models import MaxUpClassifier
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ import argparse
 import pytorch_lightning as pl
 
 from lightning_maxup import MaxUp, MaxUpConfig
-from lightning_maxup.data import ImageNetMultiViewDataModule
-from lightning_maxup.finetune import torchvision_model
-from lightning_maxup.models import MaxUpClassifier
+from lightning_maxup.recipes.datamodules import ImageNetMultiViewDataModule
+from lightning_maxup.recipes.finetune import torchvision_model
+from lightning_maxup.recipes.models import MaxUpClassifier
 
 
 def main(argv: list[str] | None = None) -> pl.Trainer:

@@ -21,7 +21,7 @@ whitespace as in the usual setup.
 Sequences are independent windows of ``--bptt`` tokens (no hidden state is carried between batches), to keep the
 example short. The paper's setting, a stateful AWD-LSTM whose carried hidden state MaxUp handles (the ``m`` copies
 start from the same state, the trained copy's final state carries on), is the recipe
-``examples/configs/lm_awd_lstm.yaml`` (:mod:`lightning_maxup.models.awd_lstm`), measured by
+``examples/configs/lm_awd_lstm.yaml`` (:mod:`lightning_maxup.recipes.models.awd_lstm`), measured by
 ``benchmarks/language_model.py``.
 
 The table prints every seed's perplexity next to the mean and standard deviation, so a spread can be checked; wall
@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import WordEmbeddingDropout, embedding_scale
-from lightning_maxup.timing import EpochTimer
+from lightning_maxup.callbacks.timing import EpochTimer
 
 UNK, EOS = "<unk>", "<eos>"
 

@@ -1,6 +1,6 @@
 """MaxUp with Lightning's manual optimisation: call the functional step yourself.
 
-:func:`lightning_maxup.functional.maxup_step` is a plain function, so a ``training_step`` with
+:func:`lightning_maxup.core.functional.maxup_step` is a plain function, so a ``training_step`` with
 ``automatic_optimization = False`` can run it, back-propagate its loss with ``manual_backward`` and step the
 optimiser however it likes (here: optional gradient clipping, then SGD). Run it on the bundled digits::
 
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_maxup.augment import Augmentation, Cutout
-from lightning_maxup.functional import maxup_step
-from lightning_maxup.random import mix_seed
+from lightning_maxup.core.functional import maxup_step
+from lightning_maxup.core.random import mix_seed
 
 
 class ManualMaxUp(pl.LightningModule):
@@ -81,8 +81,8 @@ class ManualMaxUp(pl.LightningModule):
 
 
 def main() -> None:
-    from lightning_maxup.data import DigitsDataModule
-    from lightning_maxup.models import SmallCNN
+    from lightning_maxup.recipes.datamodules import DigitsDataModule
+    from lightning_maxup.recipes.models import SmallCNN
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-epochs", type=int, default=2)

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import Compose, PointJitter, PointSubset, RandomPointRotation, RandomPointScale
 from lightning_maxup.augment.pointcloud import rotation_matrices
-from lightning_maxup.timing import EpochTimer
+from lightning_maxup.callbacks.timing import EpochTimer
 
 CLASSES = ("sphere", "cube", "cylinder", "cone")
 

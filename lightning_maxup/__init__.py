@@ -15,15 +15,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_maxup.batch import Candidates, Shared
-    from lightning_maxup.callback import MaxUp
-    from lightning_maxup.config import MaxUpConfig
-    from lightning_maxup.fidelity import SelectionFidelity, WorstOfKValidation
-    from lightning_maxup.functional import MaxUpOutput, maxup_step
-    from lightning_maxup.metrics import WorstOfKAccuracy, worst_of_k_accuracy
-    from lightning_maxup.mixin import MaxUpMixin
-    from lightning_maxup.monitor import SelectionMonitor
-    from lightning_maxup.views import Downsample, PointSubset
+    from lightning_maxup.callbacks.monitor import SelectionMonitor
+    from lightning_maxup.core.batch import Candidates, Shared
+    from lightning_maxup.core.config import MaxUpConfig
+    from lightning_maxup.core.functional import MaxUpOutput, maxup_step
+    from lightning_maxup.core.views import Downsample, PointSubset
+    from lightning_maxup.evaluation.fidelity import SelectionFidelity
+    from lightning_maxup.evaluation.worst_of_k import WorstOfKAccuracy, WorstOfKValidation, worst_of_k_accuracy
+    from lightning_maxup.training.callback import MaxUp
+    from lightning_maxup.training.mixin import MaxUpMixin
 
 __all__ = [
     "Candidates",
@@ -45,20 +45,20 @@ __version__ = "0.3.0"
 
 # The module defining each public name (the imports above, for type checkers and the API docs).
 _DEFINED_IN = {
-    "Candidates": "batch",
-    "Downsample": "views",
-    "MaxUp": "callback",
-    "MaxUpConfig": "config",
-    "MaxUpMixin": "mixin",
-    "MaxUpOutput": "functional",
-    "PointSubset": "views",
-    "SelectionFidelity": "fidelity",
-    "SelectionMonitor": "monitor",
-    "Shared": "batch",
-    "WorstOfKAccuracy": "metrics",
-    "WorstOfKValidation": "fidelity",
-    "maxup_step": "functional",
-    "worst_of_k_accuracy": "metrics",
+    "Candidates": "core.batch",
+    "Downsample": "core.views",
+    "MaxUp": "training.callback",
+    "MaxUpConfig": "core.config",
+    "MaxUpMixin": "training.mixin",
+    "MaxUpOutput": "core.functional",
+    "PointSubset": "core.views",
+    "SelectionFidelity": "evaluation.fidelity",
+    "SelectionMonitor": "callbacks.monitor",
+    "Shared": "core.batch",
+    "WorstOfKAccuracy": "evaluation.worst_of_k",
+    "WorstOfKValidation": "evaluation.worst_of_k",
+    "maxup_step": "core.functional",
+    "worst_of_k_accuracy": "evaluation.worst_of_k",
 }
 
 
@@ -67,7 +67,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f"{__name__}.{_DEFINED_IN[name]}"), name)
         globals()[name] = value
         return value
-    if not name.startswith("__"):  # a submodule, as `lightning_maxup.functional` after a bare import
+    if not name.startswith("__"):  # a submodule, as `lightning_maxup.core.functional` after a bare import
         try:
             return importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as err:

@@ -204,8 +204,9 @@ def cli_namespace(argv: Sequence[str]) -> ModuleType:
     """The namespace module a LightningCLI run over ``argv`` needs: that of the config's model and data classes.
 
     The user's classes decide (``class M(MaxUpMixin, L.LightningModule)`` gives ``lightning.pytorch``). When the
-    config also names one of the library's classes (``lightning_maxup.data.DigitsDataModule``), those are built
-    on the same namespace, which is then fixed for the process; without user classes, :func:`namespace` decides.
+    config also names one of the library's classes
+    (``lightning_maxup.recipes.datamodules.DigitsDataModule``), those are built on the same namespace, which is then
+    fixed for the process; without user classes, :func:`namespace` decides.
 
     Args:
         argv: The subcommand's arguments (``--config`` files, ``--model``/``--data`` class paths).
@@ -214,7 +215,7 @@ def cli_namespace(argv: Sequence[str]) -> ModuleType:
         argparse.ArgumentError: If the classes come from both namespaces, or the library's classes cannot follow.
 
     Example:
-        >>> cli_namespace(["--model", "lightning_maxup.models.MaxUpClassifier"]).__name__ == namespace()
+        >>> cli_namespace(["--model", "lightning_maxup.recipes.models.MaxUpClassifier"]).__name__ == namespace()
         True
     """
     paths = _cli_class_paths(argv)

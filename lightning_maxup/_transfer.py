@@ -1,8 +1,8 @@
 """Copies to a device that leave the host free: Lightning's rule for plain tensors, applied everywhere.
 
 Lightning's batch transfer (``move_data_to_device``) copies a tensor with ``non_blocking=True`` to any device but
-the CPU and MPS; an object with a ``.to`` method of its own (:class:`~lightning_maxup.batch.Candidates`,
-:class:`~lightning_maxup.batch.Shared`) is called with the device alone. A blocking copy to CUDA waits for the
+the CPU and MPS; an object with a ``.to`` method of its own (:class:`~lightning_maxup.core.batch.Candidates`,
+:class:`~lightning_maxup.core.batch.Shared`) is called with the device alone. A blocking copy to CUDA waits for the
 whole stream (the previous step's backward and optimizer included): one device sync per copy. The wrappers and
 the samplers that draw on the host therefore choose the flag as Lightning does for a plain tensor.
 """

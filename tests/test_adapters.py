@@ -8,8 +8,8 @@ from torchvision.transforms import v2
 
 from lightning_maxup.augment import KorniaAdapter, TorchvisionAdapter
 from lightning_maxup.augment.adapters import seeded_rng
-from lightning_maxup.functional import maxup_step
-from lightning_maxup.random import KeyedGenerator
+from lightning_maxup.core.functional import maxup_step
+from lightning_maxup.core.random import KeyedGenerator
 
 K = pytest.importorskip("kornia.augmentation")
 

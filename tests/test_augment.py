@@ -18,7 +18,7 @@ from lightning_maxup.augment import (
     RandomHorizontalFlip,
     soft_targets,
 )
-from lightning_maxup.random import KeyedGenerator, beta, normal, randint, uniform
+from lightning_maxup.core.random import KeyedGenerator, beta, normal, randint, uniform
 
 ALL = [
     pytest.param(GaussianNoise(0.5), id="noise"),
@@ -272,7 +272,7 @@ def test_randint_with_per_column_python_bounds_matches_tensor_bounds():
 
 
 def test_host_hash_matches_the_tensor_hash():
-    from lightning_maxup.random import hash32, hash32_int
+    from lightning_maxup.core.random import hash32, hash32_int
 
     values = [0, 1, 2, 0x85EBCA6B, 7 * 0x85EBCA6B, 2**32 - 1, 2**40 + 5]
     expected = hash32(torch.tensor(values, dtype=torch.int64)).tolist()
@@ -295,7 +295,7 @@ def test_label_range_is_checked_on_the_first_call_and_later_gives_nan_targets():
 
 
 def test_out_of_range_labels_after_the_first_call_fail_the_step_finiteness_check():
-    from lightning_maxup.functional import maxup_step
+    from lightning_maxup.core.functional import maxup_step
 
     x, y = _batch(8)
     net = torch.nn.Linear(8 * 8 * 3, 5)

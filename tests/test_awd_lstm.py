@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from lightning_maxup import MaxUp
-from lightning_maxup.models.awd_lstm import AWDLSTMLanguageModel
-from lightning_maxup.textdata import WindowSampler, WordLanguageData
+from lightning_maxup.recipes.models.awd_lstm import AWDLSTMLanguageModel
+from lightning_maxup.recipes.textdata import WindowSampler, WordLanguageData
 from tests.trainer_options import quiet_trainer_options
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "the", "dog", "ate", "my", "hat", "while", "a", "bird", "sang"]
@@ -121,7 +121,7 @@ def test_the_lm_config_runs_through_the_cli_with_vocab_size_linked(tmp_path: Pat
     """examples/configs/lm_awd_lstm.yaml on a tiny corpus: only the files, the sizes and the length are overridden."""
     import pytorch_lightning.cli
 
-    from lightning_maxup.cli import main
+    from lightning_maxup.apps.cli import main
 
     _write_corpus(tmp_path)
     built: list[Any] = []

@@ -1,6 +1,6 @@
 """Issue 9, item 6: which batch tensors are per-sample is explicit, and any batch tree works.
 
-- A tensor wrapped in :class:`~lightning_maxup.batch.Shared` is never expanded, sliced, gathered, augmented or
+- A tensor wrapped in :class:`~lightning_maxup.core.batch.Shared` is never expanded, sliced, gathered, augmented or
   resized, even when it has ``B`` rows, and ``per_sample_loss`` receives the bare tensor.
 - Without ``Shared``, every tensor leaf whose first dimension is ``B`` is per-sample (the default).
 - Namedtuple, dict, dataclass and nested batches go through every built-in augmentation, every selection view and
@@ -35,9 +35,9 @@ from lightning_maxup.augment import (
     TorchvisionAdapter,
 )
 from lightning_maxup.augment.randaugment import RandAugment
-from lightning_maxup.batch import Shared, expand_copies
-from lightning_maxup.functional import MaxUpOutput, maxup_step
-from lightning_maxup.views import Downsample, PointSubset
+from lightning_maxup.core.batch import Shared, expand_copies
+from lightning_maxup.core.functional import MaxUpOutput, maxup_step
+from lightning_maxup.core.views import Downsample, PointSubset
 
 B, C, M = 3, 3, 4  # B == C: a class-weight vector has B rows
 

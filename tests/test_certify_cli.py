@@ -20,10 +20,10 @@ from lightning_maxup.certify.table import read_certification
 
 CONFIG = """
 model:
-  class_path: lightning_maxup.models.MaxUpClassifier
+  class_path: lightning_maxup.recipes.models.MaxUpClassifier
   init_args:
     backbone:
-      class_path: lightning_maxup.models.SmallCNN
+      class_path: lightning_maxup.recipes.models.SmallCNN
       init_args: {in_channels: 1, num_classes: 10, width: 8}
     num_classes: 10
     maxup:
@@ -36,7 +36,7 @@ model:
     lr: 0.01
     weight_decay: 0.0
 data:
-  class_path: lightning_maxup.data.DigitsDataModule
+  class_path: lightning_maxup.recipes.datamodules.DigitsDataModule
   init_args: {batch_size: 64, seed: 0}
 trainer:
   max_epochs: 1
@@ -292,7 +292,9 @@ def test_resuming_refuses_a_partial_file_it_cannot_place(
     assert not out.exists()
 
 
-BAD_YAML = "model:\n  class_path: lightning_maxup.models.MaxUpClassifier\n  init_args: {num_classes: 10\ndata: 1\n"
+BAD_YAML = (
+    "model:\n  class_path: lightning_maxup.recipes.models.MaxUpClassifier\n  init_args: {num_classes: 10\ndata: 1\n"
+)
 
 
 def _error_case(name: str, tmp_path: Path, config: Path, ckpt: Path) -> list[str]:
@@ -328,8 +330,9 @@ def _error_case(name: str, tmp_path: Path, config: Path, ckpt: Path) -> list[str
         ),
         pytest.param(
             "unknown-key",
-            "typo.yaml': Parser key \"model\": Problem with given class_path 'lightning_maxup.models.MaxUpClassifier':"
-            " Parser key \"backbone\": Problem with given class_path 'lightning_maxup.models.SmallCNN':"
+            'typo.yaml\': Parser key "model":'
+            " Problem with given class_path 'lightning_maxup.recipes.models.MaxUpClassifier':"
+            " Parser key \"backbone\": Problem with given class_path 'lightning_maxup.recipes.models.SmallCNN':"
             " Option 'widht' is not accepted",
             id="unknown-key",
         ),

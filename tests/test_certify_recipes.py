@@ -20,7 +20,7 @@ from lightning_maxup.certify import (
     maxup_gauss_classifier,
 )
 from lightning_maxup.certify.cli import build_from_config
-from lightning_maxup.models import MaxUpClassifier, SmallCNN
+from lightning_maxup.recipes.models import MaxUpClassifier, SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("certify_*.yaml"))

@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 import lightning_maxup
-from lightning_maxup.cli import main
+from lightning_maxup.apps.cli import main
 
 CONFIG = textwrap.dedent(
     """
@@ -31,10 +31,10 @@ CONFIG = textwrap.dedent(
           init_args: {warmup_epochs: 1, m: 3, selection_size: 4}
         - class_path: tests.test_cli.RecordM
     model:
-      class_path: lightning_maxup.models.MaxUpClassifier
+      class_path: lightning_maxup.recipes.models.MaxUpClassifier
       init_args:
         backbone:
-          class_path: lightning_maxup.models.SmallCNN
+          class_path: lightning_maxup.recipes.models.SmallCNN
           init_args: {in_channels: 1, num_classes: 10, width: 4}
         num_classes: 10
         maxup:
@@ -50,7 +50,7 @@ CONFIG = textwrap.dedent(
         optimizer: adam
         lr: 0.003
     data:
-      class_path: lightning_maxup.data.DigitsDataModule
+      class_path: lightning_maxup.recipes.datamodules.DigitsDataModule
       init_args: {batch_size: 16}
     """
 )
@@ -95,7 +95,7 @@ def test_fit_from_yaml_sets_m_augmentation_warmup_and_selection_size(tmp_path, m
 @pytest.mark.slow
 def test_demo_runs_from_the_console_script(tmp_path):
     exe = Path(sys.executable).with_name("lightning-maxup")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_maxup.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_maxup.apps.cli"]
     proc = subprocess.run(
         [*cmd, "demo", "--quick", "--out", str(tmp_path), "--no-progress"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -133,7 +133,7 @@ def test_fit_help_emits_no_warning(monkeypatch: pytest.MonkeyPatch, capsys: pyte
 @pytest.mark.slow
 def test_console_script_fit_help_prints_nothing_on_stderr() -> None:
     exe = Path(sys.executable).with_name("lightning-maxup")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_maxup.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_maxup.apps.cli"]
     proc = subprocess.run([*cmd, "fit", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0
     assert proc.stderr == ""
@@ -232,7 +232,7 @@ def test_library_classes_list_every_model_data_module_and_callback() -> None:
     import importlib
     import inspect
 
-    from lightning_maxup._cli_help import LIBRARY_CLASSES, _plain, summary
+    from lightning_maxup.apps._cli_help import LIBRARY_CLASSES, _plain, summary
 
     listed: dict[str, set[str]] = {"model": set(), "data": set(), "callback": set(), "network": set()}
     for entry in LIBRARY_CLASSES:
@@ -243,16 +243,16 @@ def test_library_classes_list_every_model_data_module_and_callback() -> None:
         assert summary(entry) == _plain(" ".join(doc.split("\n\n")[0].split())), entry
         listed[entry.kind].add(f"{obj.__module__}.{obj.__qualname__}")
     expected = _library_classes_by_kind()
-    expected["model"].discard("lightning_maxup.models.classifier.Classifier")  # a base class: it does not train
+    expected["model"].discard("lightning_maxup.recipes.models.classifier.Classifier")  # a base class: it does not train
     for kind, classes in expected.items():
         assert listed[kind] == classes, f"{kind}: missing {classes - listed[kind]}, extra {listed[kind] - classes}"
 
 
 def test_fit_help_names_the_library_classes_without_importing_torch() -> None:
-    from lightning_maxup._cli_help import LIBRARY_CLASSES
+    from lightning_maxup.apps._cli_help import LIBRARY_CLASSES
 
     script = (
-        "import sys; from lightning_maxup.cli import main; code = main(['fit', '--help']); "
+        "import sys; from lightning_maxup.apps.cli import main; code = main(['fit', '--help']); "
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pytorch_lightning', 'lightning')); "
         "print('exit', code, 'heavy', heavy)"
     )
@@ -269,7 +269,7 @@ def test_fit_help_names_the_library_classes_without_importing_torch() -> None:
 def test_fit_help_all_is_lightning_cli_help_with_the_library_classes_and_the_common_options(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from lightning_maxup._cli_help import COMMON_OPTIONS, LIBRARY_CLASSES
+    from lightning_maxup.apps._cli_help import COMMON_OPTIONS, LIBRARY_CLASSES
 
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--help-all"])
@@ -288,12 +288,18 @@ def test_short_names_resolve_in_a_fresh_process() -> None:
     # A fresh process: the library's modules are imported by the CLI itself, not by an earlier test.
     argv = ["--model", "MaxUpClassifier", "--model.backbone", "SmallCNN", "--model.num_classes", "10"]
     argv += ["--data", "DigitsDataModule", "--trainer.callbacks+", "MaxUp", "--trainer.callbacks+", "EpochTimer"]
-    script = f"import sys; from lightning_maxup.cli import main; sys.exit(main(['fit', *{argv!r}, '--print_config']))"
+    script = (
+        f"import sys; from lightning_maxup.apps.cli import main; sys.exit(main(['fit', *{argv!r}, '--print_config']))"
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     resolved = {line.split("class_path: ")[1] for line in proc.stdout.splitlines() if "class_path: " in line}
-    expected = {"lightning_maxup.models.MaxUpClassifier", "lightning_maxup.models.SmallCNN"}
-    expected |= {"lightning_maxup.data.DigitsDataModule", "lightning_maxup.MaxUp", "lightning_maxup.timing.EpochTimer"}
+    expected = {"lightning_maxup.recipes.models.MaxUpClassifier", "lightning_maxup.recipes.models.SmallCNN"}
+    expected |= {
+        "lightning_maxup.recipes.datamodules.DigitsDataModule",
+        "lightning_maxup.MaxUp",
+        "lightning_maxup.callbacks.timing.EpochTimer",
+    }
     assert expected <= resolved, proc.stdout
 
 
@@ -345,7 +351,7 @@ def test_fit_by_short_names_logs_to_csv_without_warning_and_prints_one_summary(
     import lightning_fabric.loggers.tensorboard as fabric_tb
     import pytorch_lightning.trainer.connectors.logger_connector.logger_connector as connector
 
-    import lightning_maxup.cli as cli
+    import lightning_maxup.apps.cli as cli
 
     # A machine without tensorboard: Lightning's default would warn and fall back to CSV; the CLI picks CSV itself.
     monkeypatch.setattr(cli, "_tensorboard_available", lambda: False, raising=False)
@@ -388,7 +394,7 @@ def test_fit_logs_to_tensorboard_when_installed(
 def test_default_logger_belongs_to_the_cli_namespace(
     tensorboard: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lightning_maxup.cli as cli
+    import lightning_maxup.apps.cli as cli
     from lightning_maxup._lightning import installed
 
     monkeypatch.setattr(cli, "_tensorboard_available", lambda: tensorboard)

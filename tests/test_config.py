@@ -22,9 +22,9 @@ from jsonargparse import ArgumentParser
 
 from lightning_maxup import MaxUp, MaxUpMixin, maxup_step
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.config import MaxUpConfig, option_names
-from lightning_maxup.models import MaxUpClassifier
-from lightning_maxup.views import Downsample, PointSubset
+from lightning_maxup.core.config import MaxUpConfig, option_names
+from lightning_maxup.core.views import Downsample, PointSubset
+from lightning_maxup.recipes.models import MaxUpClassifier
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -184,7 +184,7 @@ YAML_VALUES: dict[str, tuple[Any, Any]] = {
     "augment": ({"class_path": "lightning_maxup.augment.GaussianNoise", "init_args": {"sigma": 0.25}}, None),
     "chunk_size": (5, 5),
     "selection_size": (None, None),  # set below, in place of selection_view (they exclude each other)
-    "selection_view": ({"class_path": "lightning_maxup.views.PointSubset", "init_args": {"k": 16}}, None),
+    "selection_view": ({"class_path": "lightning_maxup.core.views.PointSubset", "init_args": {"k": 16}}, None),
     "selection_mode": ("train", "train"),
     "selection_dtype": ("bfloat16", "bfloat16"),
     "selection_memory_format": ("channels_last", "channels_last"),
@@ -251,7 +251,7 @@ def test_every_option_settable_from_lightning_cli_yaml(monkeypatch: pytest.Monke
     options = {name: value for name, (value, _) in YAML_VALUES.items()}
     model = {
         "backbone": {
-            "class_path": "lightning_maxup.models.SmallCNN",
+            "class_path": "lightning_maxup.recipes.models.SmallCNN",
             "init_args": {"in_channels": 1, "num_classes": 3},
         },
         "num_classes": 3,

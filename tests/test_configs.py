@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from lightning_maxup import MaxUp
-from lightning_maxup.cli import main
-from lightning_maxup.finetune import FreezeNormalization, normalization_layers
+from lightning_maxup.apps.cli import main
+from lightning_maxup.recipes.finetune import FreezeNormalization, normalization_layers
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 FAKE = ["--data.init_args.fake_data=true", "--data.init_args.num_workers=0"]
@@ -212,7 +212,7 @@ def test_recipe_callbacks_parse() -> None:
     [pytest.param(20, 0.27, id="resnet20"), pytest.param(56, 0.85, id="resnet56"), pytest.param(110, 1.7, id="110")],
 )
 def test_cifar_resnet_sizes_match_he_et_al(depth: int, params: float) -> None:
-    from lightning_maxup.models import CIFARResNet
+    from lightning_maxup.recipes.models import CIFARResNet
 
     net = CIFARResNet(depth=depth, num_classes=10)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -221,8 +221,8 @@ def test_cifar_resnet_sizes_match_he_et_al(depth: int, params: float) -> None:
 
 
 def test_cifar_resnet_shortcuts_and_input_normalisation() -> None:
-    from lightning_maxup.datasets import CIFAR_MEAN_STD
-    from lightning_maxup.models import CIFARResNet, InputNormalization
+    from lightning_maxup.data.datasets import CIFAR_MEAN_STD
+    from lightning_maxup.recipes.models import CIFARResNet, InputNormalization
 
     x = torch.rand(2, 3, 32, 32)
     torch.manual_seed(0)
@@ -238,7 +238,7 @@ def test_cifar_resnet_shortcuts_and_input_normalisation() -> None:
 
 
 def test_wide_resnet_28_10_size_matches_zagoruyko_komodakis() -> None:
-    from lightning_maxup.models import WideResNet
+    from lightning_maxup.recipes.models import WideResNet
 
     net = WideResNet(depth=28, widen_factor=10, num_classes=10)
     assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(36.5, rel=0.01)
@@ -270,15 +270,15 @@ def test_wide_resnet_28_10_size_matches_zagoruyko_komodakis() -> None:
     ],
 )
 def test_argument_errors(make: str, match: str) -> None:
-    from lightning_maxup.datasets import CIFARDataModule, ImageNetDataModule  # noqa: F401
-    from lightning_maxup.models import CIFARResNet, InputNormalization, WideResNet  # noqa: F401
+    from lightning_maxup.data.datasets import CIFARDataModule, ImageNetDataModule  # noqa: F401
+    from lightning_maxup.recipes.models import CIFARResNet, InputNormalization, WideResNet  # noqa: F401
 
     with pytest.raises(ValueError, match=match):
         eval(make)
 
 
 def test_missing_data_names_root_and_the_fake_data_flag(tmp_path: Path) -> None:
-    from lightning_maxup.datasets import CIFARDataModule, ImageNetDataModule
+    from lightning_maxup.data.datasets import CIFARDataModule, ImageNetDataModule
 
     with pytest.raises(RuntimeError, match=r"cifar10 not found under `root`=.*`fake_data=True`"):
         CIFARDataModule(root=str(tmp_path), num_workers=0).setup("fit")
@@ -289,7 +289,7 @@ def test_missing_data_names_root_and_the_fake_data_flag(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("dataset", "classes"), [("cifar10", 10), ("cifar100", 100)])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_cifar_fake_data_matches_the_real_format(dataset: Any, classes: int, normalize: bool) -> None:
-    from lightning_maxup.datasets import CIFAR_MEAN_STD, CIFARDataModule
+    from lightning_maxup.data.datasets import CIFAR_MEAN_STD, CIFARDataModule
 
     dm = CIFARDataModule(
         dataset=dataset, batch_size=64, num_workers=0, fake_data=True, fake_size=256, normalize=normalize

@@ -188,7 +188,7 @@ def test_num_chunks_makes_exactly_that_many_forwards(rows: int, num_chunks: int)
     from torch import nn
 
     from lightning_maxup.augment import GaussianNoise
-    from lightning_maxup.functional import maxup_step
+    from lightning_maxup.core.functional import maxup_step
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from lightning_maxup import demo
-from lightning_maxup.cli import main as cli_main
-from lightning_maxup.demo import (
+from lightning_maxup.apps import demo
+from lightning_maxup.apps.cli import main as cli_main
+from lightning_maxup.apps.demo import (
     REGIMES,
     CertifyResult,
     DemoResult,
@@ -22,12 +22,11 @@ from lightning_maxup.demo import (
     format_certify_table,
     format_table,
     main,
-    paired_difference,
-    paired_interval,
     set_threads,
     stratified_subset,
     train_regime,
 )
+from lightning_maxup.apps.study import paired_difference, paired_interval
 
 CLEAN_HEADER = (
     "| regime | seeds | ordinary | MaxUp | MaxUp - ordinary (95 % CI) | MaxUp better on | verdict"

@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUpConfig, MaxUpMixin, Shared
-from lightning_maxup import random as lr
-from lightning_maxup._deferred import FiniteGuard
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.batch import Candidates
-from lightning_maxup.fidelity import SelectionFidelity
-from lightning_maxup.functional import maxup_step
-from lightning_maxup.metrics import WorstOfKAccuracy, worst_of_k_correct
+from lightning_maxup.core import random as lr
+from lightning_maxup.core.batch import Candidates
+from lightning_maxup.core.functional import maxup_step
+from lightning_maxup.evaluation.fidelity import SelectionFidelity
+from lightning_maxup.evaluation.worst_of_k import WorstOfKAccuracy, worst_of_k_correct
+from lightning_maxup.training._deferred import FiniteGuard
 from tests.sync_counter import SyncCounter
 from tests.trainer_options import quiet_trainer_options
 
@@ -411,7 +411,7 @@ def test_fsdp2_parameters_are_found_in_either_state_layout(
 ) -> None:
     import torch.distributed.fsdp as fsdp
 
-    from lightning_maxup._state import _fsdp_params
+    from lightning_maxup.core._state import _fsdp_params
 
     class Sharded(nn.Module):
         def _get_fsdp_state(self) -> Any:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.functional import expected_max_normal, gradient_norm_estimate, maxup_step
+from lightning_maxup.core.functional import expected_max_normal, gradient_norm_estimate, maxup_step
 
 pytestmark = [
     # Lightning's advice for real runs; these loaders hold 32 in-memory samples.

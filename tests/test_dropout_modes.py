@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.functional import MaxUpOutput, _seed_from_global_rng, maxup_step
+from lightning_maxup.core.functional import MaxUpOutput, _seed_from_global_rng, maxup_step
 
 B, M, C = 8, 4, 3
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_maxup._deferred import StepClock
 from lightning_maxup.augment import GaussianNoise
 from lightning_maxup.certify.recipes import SmoothAdvClassifier
-from lightning_maxup.functional import maxup_step
+from lightning_maxup.core.functional import maxup_step
+from lightning_maxup.training._deferred import StepClock
 
 
 class _Failing(nn.Module):
@@ -114,7 +114,7 @@ def test_cuda_step_clock_reports_at_a_fixed_lag_without_stalling(monkeypatch: py
 
 def test_cpu_step_clock_shares_the_interval_between_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0.0]
-    monkeypatch.setattr("lightning_maxup._deferred.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("lightning_maxup.training._deferred.time.perf_counter", lambda: now[0])
     clock, cpu = StepClock(), torch.device("cpu")
     shares = []
     for selects in (True, False, True):

@@ -16,9 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpConfig, MaxUpMixin, SelectionMonitor
 from lightning_maxup.augment import Compose, Cutout, RandomCrop
-from lightning_maxup.fidelity import SelectionFidelity, has_shortcut
-from lightning_maxup.functional import selection_losses
-from lightning_maxup.metrics import full_input_losses, view_fidelity
+from lightning_maxup.core.functional import selection_losses
+from lightning_maxup.evaluation.fidelity import SelectionFidelity, full_input_losses, has_shortcut, view_fidelity
 
 M, B = 4, 8
 

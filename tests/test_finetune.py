@@ -15,8 +15,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp
 from lightning_maxup.augment import Compose, Cutout, GaussianNoise
-from lightning_maxup.finetune import FreezeNormalization, freeze_normalization, normalization_layers, torchvision_model
-from lightning_maxup.models import MaxUpClassifier, SmallCNN
+from lightning_maxup.recipes.finetune import (
+    FreezeNormalization,
+    freeze_normalization,
+    normalization_layers,
+    torchvision_model,
+)
+from lightning_maxup.recipes.models import MaxUpClassifier, SmallCNN
 
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers

@@ -9,15 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_maxup._state import preserved
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.functional import (
-    downsample_view,
-    expand_copies,
-    gather_rows,
-    maxup_step,
-    select_worst,
-)
+from lightning_maxup.core._state import preserved
+from lightning_maxup.core.batch import expand_copies, gather_rows
+from lightning_maxup.core.functional import maxup_step, select_worst
+from lightning_maxup.core.views import downsample_view
 
 
 def _mlp() -> nn.Module:

@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpConfig, MaxUpMixin, Shared
 from lightning_maxup.augment import Compose, Cutout, GaussianNoise, RandomCrop
-from lightning_maxup.batch import Candidates, expand_copies
 from lightning_maxup.certify import SmoothAdvClassifier
-from lightning_maxup.config import option_names
-from lightning_maxup.functional import check_per_sample, maxup_step
-from lightning_maxup.mixin import _Option, _repeat_counts
+from lightning_maxup.core.batch import Candidates, expand_copies
+from lightning_maxup.core.config import option_names
+from lightning_maxup.core.functional import check_per_sample, maxup_step
+from lightning_maxup.training.mixin import _Option, _repeat_counts
 from tests.trainer_options import quiet_trainer_options
 
 
@@ -456,7 +456,7 @@ def test_premade_candidates_are_scored_as_made() -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 def _draws(losses: Tensor, tau: float | None, n: int, seed: int = 0) -> Tensor:
     """``n`` independent draws of the selected copy for one sample with copy losses ``losses [m]``."""
-    from lightning_maxup.functional import select_copies
+    from lightning_maxup.core.functional import select_copies
 
     m = losses.shape[0]
     tiled = losses[:, None].expand(m, n).reshape(-1)  # copy-major: n samples with the same m losses

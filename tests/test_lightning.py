@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import Compose, Cutout, GaussianNoise, RandomCrop
-from lightning_maxup.random import mix_seed
+from lightning_maxup.core.random import mix_seed
 from tests.trainer_options import quiet_trainer_options
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-import lightning_maxup.fidelity as fidelity_module
+import lightning_maxup.evaluation.fidelity as fidelity_module
 from lightning_maxup import MaxUp, MaxUpMixin, SelectionMonitor
-from lightning_maxup.batch import Candidates
-from lightning_maxup.data import MultiView
-from lightning_maxup.fidelity import SelectionFidelity, WorstOfKValidation
-from lightning_maxup.metrics import WorstOfKAccuracy, worst_of_k_correct_candidates
+from lightning_maxup.core.batch import Candidates
+from lightning_maxup.data.multiview import MultiView
+from lightning_maxup.evaluation.fidelity import SelectionFidelity
+from lightning_maxup.evaluation.worst_of_k import WorstOfKAccuracy, WorstOfKValidation, worst_of_k_correct_candidates
 from tests.test_multiview import Indexed, float_pipeline, pipeline, reference_views, trainer
 
 K = 4

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.functional import maxup_step
-from lightning_maxup.random import mix_seed
+from lightning_maxup.core.functional import maxup_step
+from lightning_maxup.core.random import mix_seed
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "manual_optimization.py"
 spec = importlib.util.spec_from_file_location("manual_optimization_example", EXAMPLE)

@@ -31,8 +31,7 @@ from lightning_maxup.augment import (
     RandomPointScale,
 )
 from lightning_maxup.augment.randaugment import RandAugment
-from lightning_maxup.batch import gather_rows
-from lightning_maxup.monitor import (
+from lightning_maxup.callbacks.monitor import (
     OTHER_COLOUR,
     SELECTED_COLOUR,
     Drawn,
@@ -42,6 +41,7 @@ from lightning_maxup.monitor import (
     selection_rate_maps,
     selection_stats,
 )
+from lightning_maxup.core.batch import gather_rows
 
 M, B = 4, 6
 

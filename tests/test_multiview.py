@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from torchvision.transforms import v2
 
 from lightning_maxup import MaxUp, MaxUpMixin
-from lightning_maxup.batch import Candidates
-from lightning_maxup.data import MultiView, MultiViewSchedule, multiview_collate, training_epoch
-from lightning_maxup.random import mix_seed
+from lightning_maxup.core.batch import Candidates
+from lightning_maxup.core.random import mix_seed
+from lightning_maxup.data.multiview import MultiView, multiview_collate
+from lightning_maxup.training.schedule import MultiViewSchedule, training_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 N, SIDE, M = 24, 8, 4
@@ -328,7 +329,7 @@ def test_multiview_module_imports_no_lightning() -> None:
     names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not {n for n in names if "lightning" in n and not n.startswith(("lightning_maxup", "lightning_utilities"))}
     assert "lightning_maxup._lightning" not in names
-    assert "lightning_maxup.callback" not in names
+    assert "lightning_maxup.training.callback" not in names
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -480,7 +481,7 @@ def test_schedule_views_follow_the_maxup_callback() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Lightning: MaxUp on premade candidates (the core side: lightning_maxup.functional / mixin)
+# Lightning: MaxUp on premade candidates (the core side: lightning_maxup.core.functional / mixin)
 # ---------------------------------------------------------------------------------------------------------------
 class LitMaxUp(MaxUpMixin, pl.LightningModule):
     def __init__(self, m: int = M) -> None:
@@ -599,7 +600,7 @@ def test_imagenet_multiview_recipe_fits_on_image_files(tmp_path: Path, monkeypat
     generated ImageFolder tree, with 2 persistent workers decoding and making the views; shrunk to run on a CPU."""
     import yaml
 
-    from lightning_maxup.cli import main
+    from lightning_maxup.apps.cli import main
 
     write_image_folder(tmp_path / "images")
     config = yaml.safe_load((ROOT / "examples" / "configs" / "imagenet_multiview.yaml").read_text())

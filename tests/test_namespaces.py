@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_maxup
 from lightning_maxup import MaxUp, MaxUpMixin, _lightning
+from lightning_maxup.apps.cli import main
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
@@ -131,7 +131,7 @@ def test_every_library_callback_is_a_callback_of_both_namespaces():
 def test_namespace_is_the_default_or_the_environment_variable():
     expected = os.environ.get(_lightning.ENV_VAR) or "pytorch_lightning"
     assert _lightning.namespace() == expected
-    from lightning_maxup.models import MaxUpClassifier
+    from lightning_maxup.recipes.models import MaxUpClassifier
 
     assert issubclass(MaxUpClassifier, importlib.import_module(expected).LightningModule)
 
@@ -307,18 +307,18 @@ def _fresh_process_checks(namespace: str, directory: str) -> None:
     ns = importlib.import_module(namespace)
     os.chdir(directory)  # LightningCLI saves the config it ran with into the working directory
     config = _write_user_module(Path(directory), namespace, in_features=64, num_classes=10,
-                                data="lightning_maxup.data.DigitsDataModule")  # fmt: skip
+                                data="lightning_maxup.recipes.datamodules.DigitsDataModule")  # fmt: skip
     sys.path.insert(0, directory)
     assert main(["fit", "--config", str(config)]) == 0
     assert importlib.import_module(config.stem).SCHEDULE == [(0, 1)] * 3 + [(1, 3)] * 3
     assert _lightning.namespace() == namespace == os.environ[_lightning.ENV_VAR]
 
+    from lightning_maxup.callbacks.timing import EpochTimer
     from lightning_maxup.certify.recipes import RECIPES, SmoothedCertifier, build_recipe
-    from lightning_maxup.data import DigitsDataModule
-    from lightning_maxup.datasets import CIFARDataModule, ImageNetDataModule
-    from lightning_maxup.finetune import FreezeNormalization
-    from lightning_maxup.models import MaxUpClassifier, SmallCNN
-    from lightning_maxup.timing import EpochTimer
+    from lightning_maxup.data.datasets import CIFARDataModule, ImageNetDataModule
+    from lightning_maxup.recipes.datamodules import DigitsDataModule
+    from lightning_maxup.recipes.finetune import FreezeNormalization
+    from lightning_maxup.recipes.models import MaxUpClassifier, SmallCNN
 
     assert issubclass(MaxUpClassifier, ns.LightningModule)
     for data in (DigitsDataModule, CIFARDataModule, ImageNetDataModule):
@@ -352,8 +352,8 @@ sys.modules["pytorch_lightning"] = sys.modules["lightning_fabric"] = None  # as 
 
 import lightning as L
 from lightning_maxup import MaxUp, _lightning
-from lightning_maxup.data import DigitsDataModule
-from lightning_maxup.models import MaxUpClassifier, SmallCNN
+from lightning_maxup.recipes.datamodules import DigitsDataModule
+from lightning_maxup.recipes.models import MaxUpClassifier, SmallCNN
 
 assert list(_lightning.installed()) == ["lightning.pytorch"], _lightning.installed()
 assert _lightning.namespace() == "lightning.pytorch"

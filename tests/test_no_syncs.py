@@ -33,8 +33,8 @@ from lightning_maxup.augment import (
     WordEmbeddingDropout,
     embedding_scale,
 )
-from lightning_maxup.functional import maxup_step
-from lightning_maxup.random import KeyedGenerator
+from lightning_maxup.core.functional import maxup_step
+from lightning_maxup.core.random import KeyedGenerator
 from tests.sync_counter import SyncCounter
 
 M, B, CLASSES = 4, 6, 5

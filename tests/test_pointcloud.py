@@ -14,8 +14,8 @@ from lightning_maxup.augment import (
     RandomPointScale,
 )
 from lightning_maxup.augment.pointcloud import farthest_point_sample, rotation_matrices
-from lightning_maxup.functional import maxup_step
-from lightning_maxup.random import KeyedGenerator
+from lightning_maxup.core.functional import maxup_step
+from lightning_maxup.core.random import KeyedGenerator
 
 
 def _gen(seed: int = 0) -> torch.Generator:

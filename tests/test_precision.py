@@ -2,7 +2,7 @@
 
 The selection pass runs inside ``training_step``, so it runs under the same autocast as the gradient forward;
 the tests record the dtype of a layer's activations in both passes. Accumulation and clipping are checked
-against a plain loop that calls :func:`lightning_maxup.functional.maxup_step` with the mixin's generator stream.
+against a plain loop that calls :func:`lightning_maxup.core.functional.maxup_step` with the mixin's generator stream.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.functional import maxup_step
-from lightning_maxup.random import mix_seed
+from lightning_maxup.core.functional import maxup_step
+from lightning_maxup.core.random import mix_seed
 
 
 def _data(n: int = 32) -> TensorDataset:

@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from lightning_maxup.augment import RandAugment
 from lightning_maxup.augment.randaugment import OPS, magnitude_table, op_values
-from lightning_maxup.random import KeyedGenerator
+from lightning_maxup.core.random import KeyedGenerator
 
 TV_SPACE = v2.RandAugment._AUGMENTATION_SPACE
 SIGNED = [name for name, (_, signed) in TV_SPACE.items() if signed]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.functional import MaxUpOutput, maxup_step
+from lightning_maxup.core.functional import MaxUpOutput, maxup_step
 
 B, M, C = 6, 3, 3  # samples, copies, classes
 

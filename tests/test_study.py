@@ -19,9 +19,8 @@ from scipy import stats
 from torch.utils.data import DataLoader
 
 from lightning_maxup._lightning import pl
-from lightning_maxup.cli import main as cli_main
-from lightning_maxup.data import DigitsDataModule
-from lightning_maxup.study import (
+from lightning_maxup.apps.cli import main as cli_main
+from lightning_maxup.apps.study import (
     RESULTS,
     TEST_RESULTS,
     Cell,
@@ -33,15 +32,16 @@ from lightning_maxup.study import (
     run_fit,
     run_study,
 )
+from lightning_maxup.recipes.datamodules import DigitsDataModule
 
 # The MaxUp callback overrides m to 8: the study's cell (m = 2) must win over it.
 CONFIG = """\
 seed_everything: 0
 model:
-  class_path: lightning_maxup.models.MaxUpClassifier
+  class_path: lightning_maxup.recipes.models.MaxUpClassifier
   init_args:
     backbone:
-      class_path: lightning_maxup.models.SmallCNN
+      class_path: lightning_maxup.recipes.models.SmallCNN
       init_args: {in_channels: 1, num_classes: 10, width: 4}
     num_classes: 10
     maxup:
@@ -52,7 +52,7 @@ model:
     optimizer: adam
     lr: 0.01
 data:
-  class_path: lightning_maxup.data.DigitsDataModule
+  class_path: lightning_maxup.recipes.datamodules.DigitsDataModule
   init_args: {batch_size: 128, seed: 0}
 trainer:
   max_epochs: 2
@@ -115,7 +115,7 @@ class GlobalShuffleDigits(DigitsDataModule):
 
 
 GLOBAL_SHUFFLE = CONFIG.replace(  # a DataModule without a `seed` argument
-    "lightning_maxup.data.DigitsDataModule\n  init_args: {batch_size: 128, seed: 0}",
+    "lightning_maxup.recipes.datamodules.DigitsDataModule\n  init_args: {batch_size: 128, seed: 0}",
     "tests.test_study.GlobalShuffleDigits\n  init_args: {batch_size: 128}",
 )
 
@@ -341,11 +341,11 @@ def test_concurrent_shards_append_whole_lines(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 NOT_MAXUP = """\
 model:
-  class_path: lightning_maxup.models.classifier.Classifier
+  class_path: lightning_maxup.recipes.models.classifier.Classifier
   init_args:
-    backbone: {class_path: lightning_maxup.models.SmallCNN, init_args: {width: 4}}
+    backbone: {class_path: lightning_maxup.recipes.models.SmallCNN, init_args: {width: 4}}
     num_classes: 10
-data: {class_path: lightning_maxup.data.DigitsDataModule}
+data: {class_path: lightning_maxup.recipes.datamodules.DigitsDataModule}
 trainer: {max_epochs: 1, logger: false, enable_checkpointing: false}
 """
 
@@ -388,7 +388,7 @@ def test_the_command_prints_the_error_and_exits_2(tmp_path, capsys):
 
 
 def test_wilson_interval_matches_scipy():
-    from lightning_maxup.study import wilson_interval
+    from lightning_maxup.apps.study import wilson_interval
 
     for k, n in [(0, 4), (3, 4), (4, 4), (7, 12)]:
         ci = stats.binomtest(k, n).proportion_ci(0.95, method="wilson")

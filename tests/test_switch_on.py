@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.callback import SWITCH_STEPS, ramp_schedule
+from lightning_maxup.training.callback import SWITCH_STEPS, ramp_schedule
 from tests.sync_counter import SyncCounter
 from tests.test_lightning import Lit, _loader, _params, _trainer
 

@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.fidelity import SelectionFidelity, WorstOfKValidation
+from lightning_maxup.evaluation.fidelity import SelectionFidelity
+from lightning_maxup.evaluation.worst_of_k import WorstOfKValidation
 from tests.sync_counter import SyncCounter
 
 STEPS_PER_EPOCH = 6

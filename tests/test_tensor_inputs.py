@@ -24,9 +24,9 @@ from lightning_maxup.augment import (
     RandomCrop,
     RandomHorizontalFlip,
 )
-from lightning_maxup.batch import expand_copies, gather_rows, memory_format_of
-from lightning_maxup.functional import maxup_step
-from lightning_maxup.views import Downsample, resize_antialiased
+from lightning_maxup.core.batch import expand_copies, gather_rows, memory_format_of
+from lightning_maxup.core.functional import maxup_step
+from lightning_maxup.core.views import Downsample, resize_antialiased
 
 B, CLASSES = 6, 4
 CL = torch.channels_last

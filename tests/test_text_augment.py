@@ -5,8 +5,8 @@ from torch import nn
 
 from lightning_maxup.augment import WordEmbeddingDropout, embedding_scale
 from lightning_maxup.augment.text import TokenBatch
-from lightning_maxup.functional import maxup_step
-from lightning_maxup.random import KeyedGenerator
+from lightning_maxup.core.functional import maxup_step
+from lightning_maxup.core.random import KeyedGenerator
 
 
 def _gen(seed: int = 0) -> torch.Generator:

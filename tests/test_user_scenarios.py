@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import Compose, Cutout, GaussianNoise, RandomCrop
-from lightning_maxup.batch import Candidates
-from lightning_maxup.functional import maxup_step
+from lightning_maxup.core.batch import Candidates
+from lightning_maxup.core.functional import maxup_step
 from tests.trainer_options import quiet_trainer_options
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -26,8 +26,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_maxup import MaxUp
-from lightning_maxup.batch import Candidates
-from lightning_maxup.data import MultiView, MultiViewSchedule
+from lightning_maxup.core.batch import Candidates
+from lightning_maxup.data.multiview import MultiView
+from lightning_maxup.training.schedule import MultiViewSchedule
 from tests.test_multiview import Indexed, LitMaxUp, LitMaxUpRecord, M, N, float_pipeline, reference_views, trainer
 
 RESUMING = "ignore:Checkpoint directory .* exists and is not empty:UserWarning"
@@ -343,7 +344,7 @@ def test_seed_mismatch_across_ranks_raises_as_documented() -> None:
     assert "gives every rank rank 0's" not in docs
     assert "sets rank 0's on every rank" not in docs
 
-    from lightning_maxup._wiring import check_same_seed
+    from lightning_maxup.training._wiring import check_same_seed
 
     class Strategy:
         def broadcast(self, value: int, src: int = 0) -> int:

@@ -43,9 +43,9 @@ from lightning_maxup.augment import (  # noqa: E402
     RandomPointScale,
     WordEmbeddingDropout,
 )
-from lightning_maxup.data import IndexedDataset  # noqa: E402
-from lightning_maxup.random import KeyedGenerator  # noqa: E402
-from lightning_maxup.views import PointSubset  # noqa: E402
+from lightning_maxup.core.random import KeyedGenerator  # noqa: E402
+from lightning_maxup.core.views import PointSubset  # noqa: E402
+from lightning_maxup.data.datasets import IndexedDataset  # noqa: E402
 
 
 class _Lit(MaxUpMixin, pl.LightningModule):

@@ -13,16 +13,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup.augment import Compose, Cutout, GaussianNoise, RandomCrop
-from lightning_maxup.fidelity import WorstOfKValidation
-from lightning_maxup.metrics import (
+from lightning_maxup.core.random import KeyedGenerator
+from lightning_maxup.evaluation.worst_of_k import (
     WorstOfKAccuracy,
+    WorstOfKValidation,
     copy_keys,
     worst_of_k_accuracy,
     worst_of_k_correct,
     worst_of_k_loss,
     worst_of_k_losses,
 )
-from lightning_maxup.random import KeyedGenerator
 from tests.sync_counter import SyncCounter
 
 B, C = 24, 3

@@ -20,7 +20,7 @@ from pathlib import Path
 __all__ = ["COMMON_OPTIONS", "KINDS", "LIBRARY_CLASSES", "LibraryClass", "help_page", "summary"]
 
 _PACKAGE = "lightning_maxup"
-_ROOT = Path(__file__).resolve().parent
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class LibraryClass:
 
     Args:
         kind: ``"model"``, ``"data"``, ``"callback"`` or ``"network"`` (a ``backbone`` of the models).
-        path: Its public import path, e.g. ``"lightning_maxup.models.MaxUpClassifier"``.
+        path: Its public import path, e.g. ``"lightning_maxup.recipes.models.MaxUpClassifier"``.
         module: The module that defines it, whose source holds its docstring.
     """
 
@@ -48,24 +48,24 @@ class LibraryClass:
 LIBRARY_CLASSES: tuple[LibraryClass, ...] = tuple(
     LibraryClass(kind, f"{_PACKAGE}.{path}", f"{_PACKAGE}.{module}")
     for kind, path, module in (
-        ("model", "models.MaxUpClassifier", "models.classifier"),
+        ("model", "recipes.models.MaxUpClassifier", "recipes.models.classifier"),
         ("model", "certify.SmoothAdvClassifier", "certify.recipes"),
         ("model", "certify.SmoothedCertifier", "certify.recipes"),
-        ("data", "data.DigitsDataModule", "data"),
-        ("data", "data.ImageNetMultiViewDataModule", "data"),
-        ("data", "datasets.CIFARDataModule", "datasets"),
-        ("data", "datasets.ImageNetDataModule", "datasets"),
-        ("callback", "MaxUp", "callback"),
-        ("callback", "data.MultiViewSchedule", "data"),
-        ("callback", "WorstOfKValidation", "fidelity"),
-        ("callback", "SelectionFidelity", "fidelity"),
-        ("callback", "SelectionMonitor", "monitor"),
-        ("callback", "finetune.FreezeNormalization", "finetune"),
-        ("callback", "timing.EpochTimer", "timing"),
-        ("network", "models.SmallCNN", "models.small"),
-        ("network", "models.CIFARResNet", "models.resnet_cifar"),
-        ("network", "models.WideResNet", "models.wide_resnet"),
-        ("network", "finetune.torchvision_model", "finetune"),
+        ("data", "recipes.datamodules.DigitsDataModule", "recipes.datamodules"),
+        ("data", "recipes.datamodules.ImageNetMultiViewDataModule", "recipes.datamodules"),
+        ("data", "data.datasets.CIFARDataModule", "data.datasets"),
+        ("data", "data.datasets.ImageNetDataModule", "data.datasets"),
+        ("callback", "MaxUp", "training.callback"),
+        ("callback", "training.schedule.MultiViewSchedule", "training.schedule"),
+        ("callback", "WorstOfKValidation", "evaluation.worst_of_k"),
+        ("callback", "SelectionFidelity", "evaluation.fidelity"),
+        ("callback", "SelectionMonitor", "callbacks.monitor"),
+        ("callback", "recipes.finetune.FreezeNormalization", "recipes.finetune"),
+        ("callback", "callbacks.timing.EpochTimer", "callbacks.timing"),
+        ("network", "recipes.models.SmallCNN", "recipes.models.small"),
+        ("network", "recipes.models.CIFARResNet", "recipes.models.resnet_cifar"),
+        ("network", "recipes.models.WideResNet", "recipes.models.wide_resnet"),
+        ("network", "recipes.finetune.torchvision_model", "recipes.finetune"),
     )
 )
 

@@ -95,8 +95,8 @@ def _import_library(namespace: Any) -> None:
     Callbacks belong to both namespaces; the models and data modules only to the one :func:`_lightning.namespace`
     gives, and are imported only when the CLI runs on that one.
     """
-    from lightning_maxup._cli_help import LIBRARY_CLASSES
     from lightning_maxup._lightning import namespace as library_namespace
+    from lightning_maxup.apps._cli_help import LIBRARY_CLASSES
 
     same = namespace.__name__ == library_namespace()
     for module in dict.fromkeys(entry.module for entry in LIBRARY_CLASSES if same or entry.kind == "callback"):
@@ -136,8 +136,8 @@ def _link_vocab_size(parser: Any) -> None:
     """Language models: a data module's ``vocab_size`` becomes the model's, computed once the data is built.
 
     The link is conditional: it applies where the data module has a ``vocab_size`` and the model takes one
-    (:class:`~lightning_maxup.textdata.WordLanguageData` and
-    :class:`~lightning_maxup.models.awd_lstm.AWDLSTMLanguageModel`, whose augmentation is built from it), and
+    (:class:`~lightning_maxup.recipes.textdata.WordLanguageData` and
+    :class:`~lightning_maxup.recipes.models.awd_lstm.AWDLSTMLanguageModel`, whose augmentation is built from it), and
     leaves every other configuration as it is.
     """
     parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=_vocab_size_of, apply_on="instantiate")
@@ -201,7 +201,7 @@ def checkpoint_problem(path: str | None) -> str | None:
 
 def _run_lightning(argv: list[str]) -> int:
     if argv[1:] in (["--help"], ["-h"]):
-        from lightning_maxup._cli_help import help_page
+        from lightning_maxup.apps._cli_help import help_page
 
         print(help_page(argv[0]))
         return 0
@@ -236,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_PROG} {version()}")
         return 0
     if command == "demo":
-        from lightning_maxup.demo import main as demo_main
+        from lightning_maxup.apps.demo import main as demo_main
 
         return demo_main(rest)
     if command == "study":
-        from lightning_maxup.study import main as study_main
+        from lightning_maxup.apps.study import main as study_main
 
         return study_main(rest)
     if command == "certify":

@@ -38,16 +38,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup._lightning import pl
+from lightning_maxup.apps.study import PairedDifference, paired_difference, paired_interval
 from lightning_maxup.augment import Compose, Cutout, GaussianNoise, RandomCrop
+from lightning_maxup.callbacks.timing import EpochTimer
 from lightning_maxup.certify import Smooth, certified_accuracy
 from lightning_maxup.certify.recipes import build_recipe
-from lightning_maxup.config import MaxUpConfig
-from lightning_maxup.data import load_digits_split
-from lightning_maxup.functional import MaxUpOutput, maxup_step
-from lightning_maxup.metrics import view_fidelity, worst_of_k_accuracy
-from lightning_maxup.models import SmallCNN
-from lightning_maxup.study import PairedDifference, paired_difference, paired_interval
-from lightning_maxup.timing import EpochTimer
+from lightning_maxup.core.config import MaxUpConfig
+from lightning_maxup.core.functional import MaxUpOutput, maxup_step
+from lightning_maxup.data.datasets import load_digits_split
+from lightning_maxup.evaluation.fidelity import view_fidelity
+from lightning_maxup.evaluation.worst_of_k import worst_of_k_accuracy
+from lightning_maxup.recipes.models import SmallCNN
 
 __all__ = [
     "AUGMENTS",
@@ -193,7 +194,7 @@ class Trained:
     Attributes:
         model: The network, in eval mode.
         view_agreement: With a ``selection_size`` view, the share of samples whose copy picked on the view is
-            also the worst at full resolution (:func:`~lightning_maxup.metrics.view_fidelity`, on the first
+            also the worst at full resolution (:func:`~lightning_maxup.evaluation.fidelity.view_fidelity`, on the first
             batch of every epoch after the warm-up); ``None`` otherwise.
     """
 
@@ -260,8 +261,8 @@ def train_regime(regime: Regime, seed: int, x: Tensor, y: Tensor, recipe: Recipe
 def worst_of_k(model: nn.Module, x: Tensor, y: Tensor, augment: Any, k: int, seed: int = 1234) -> float:
     """Share of samples whose ``k`` augmented copies are all classified correctly, in eval mode.
 
-    :func:`~lightning_maxup.metrics.worst_of_k_accuracy` with a generator seeded by ``seed``, so that every
-    model sees the same ``k`` copies of each sample.
+    :func:`~lightning_maxup.evaluation.worst_of_k.worst_of_k_accuracy` with a generator seeded by ``seed``, so
+    that every model sees the same ``k`` copies of each sample.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))

@@ -7,14 +7,16 @@ baseline of every cell.
 
 **Paired by seed.** A fit at seed ``s`` sets ``seed_everything(s)`` (the initial weights), the MaxUp augmentation
 stream's ``seed`` to ``s``, and, when the DataModule takes a ``seed`` argument (as
-:class:`~lightning_maxup.data.DigitsDataModule` does for its shuffle), that too (the batch order). A loader that
+:class:`~lightning_maxup.recipes.datamodules.DigitsDataModule` does for its shuffle), that too (the batch order). A
+loader that
 shuffles from the global generator draws its order after ``seed_everything`` and the selection pass restores the
 global random state, so a MaxUp fit and its baseline at one seed are identical through the warm-up and differ only
 in MaxUp after it. The paired differences ``MaxUp - baseline`` then cancel what the seed does to both.
 
 **What is measured**, after the last epoch: the config's validation metric (the one a ``ModelCheckpoint`` or
 ``EarlyStopping`` monitors, or ``metric=``), from ``trainer.validate``, and worst-of-k accuracy
-(:class:`~lightning_maxup.metrics.WorstOfKAccuracy`: all ``k`` copies of a validation sample, made with the
+(:class:`~lightning_maxup.evaluation.worst_of_k.WorstOfKAccuracy`: all ``k`` copies of a validation sample, made with
+the
 training augmentation from a fixed seed, classified correctly; the same copies for every fit).
 
 **Kill-safe and shardable.** Every finished fit appends one JSON line to ``DIR/results.jsonl``; a rerun skips the
@@ -61,9 +63,9 @@ from typing import Any
 
 import torch
 
-from lightning_maxup.callback import MaxUp
-from lightning_maxup.metrics import WorstOfKAccuracy
-from lightning_maxup.mixin import MaxUpMixin
+from lightning_maxup.evaluation.worst_of_k import WorstOfKAccuracy
+from lightning_maxup.training.callback import MaxUp
+from lightning_maxup.training.mixin import MaxUpMixin
 
 __all__ = [
     "GAIN_PLOT",
@@ -526,7 +528,7 @@ def require_maxup_model(model: Any, config: Any) -> MaxUpMixin:
         raise TypeError(
             f"The model of `--config` {config} is {type(model).__name__}, not a MaxUpMixin module: a study compares"
             " MaxUp with ordinary augmentation on the config's own model, so its class must subclass"
-            " lightning_maxup.MaxUpMixin (for example lightning_maxup.models.MaxUpClassifier)"
+            " lightning_maxup.MaxUpMixin (for example lightning_maxup.recipes.models.MaxUpClassifier)"
         )
     return model
 
@@ -594,7 +596,8 @@ def _first_loader(loaders: Any) -> Any:
 def worst_of_k_score(model: Any, loader: Any, augment: Any, k: int, seed: int = 0) -> float:
     """Worst-of-``k`` accuracy of ``model`` over ``loader``'s ``(inputs, target, ...)`` batches, in eval mode.
 
-    :class:`~lightning_maxup.metrics.WorstOfKAccuracy` seeded with ``seed``: every model scored over the same
+    :class:`~lightning_maxup.evaluation.worst_of_k.WorstOfKAccuracy` seeded with ``seed``: every model scored over the
+    same
     loader sees the same ``k`` copies of each sample.
 
     Example:

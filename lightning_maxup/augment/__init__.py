@@ -2,7 +2,7 @@
 
 Any callable ``augment(batch, generator=...) -> batch`` can be a MaxUp augmentation; these built-ins draw one
 independent set of parameters per row from a ``torch.Generator`` (or a
-:class:`~lightning_maxup.random.KeyedGenerator`) and never modify their input in place.
+:class:`~lightning_maxup.core.random.KeyedGenerator`) and never modify their input in place.
 """
 
 from lightning_maxup._serialization import allow_in_checkpoints
@@ -26,7 +26,7 @@ from lightning_maxup.augment.pointcloud import (
 )
 from lightning_maxup.augment.randaugment import RandAugment
 from lightning_maxup.augment.text import TokenBatch, WordEmbeddingDropout, embedding_scale, sequence_loss
-from lightning_maxup.views import Downsample
+from lightning_maxup.core.views import Downsample
 
 # Hyperparameters saved with save_hyperparameters() load under torch.load(weights_only=True), Lightning's default.
 allow_in_checkpoints(

@@ -12,8 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_maxup.batch import batch_size, replace_inputs, split_inputs
-from lightning_maxup.random import Generator
+from lightning_maxup.core.batch import batch_size, replace_inputs, split_inputs
+from lightning_maxup.core.random import Generator
 
 __all__ = ["Augmentation", "Compose", "Params", "num_rows", "replace_inputs", "split_inputs"]
 

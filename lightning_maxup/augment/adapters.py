@@ -2,8 +2,8 @@
 
 MaxUp needs an independent draw for every row of the expanded ``m * B`` batch, and the library's randomness comes
 from the ``generator`` argument. Neither library takes a generator: both draw from PyTorch's global RNG. The
-adapters therefore draw integer seeds from the generator (through :mod:`lightning_maxup.random`, so a
-:class:`~lightning_maxup.random.KeyedGenerator` works) and run the third-party code under
+adapters therefore draw integer seeds from the generator (through :mod:`lightning_maxup.core.random`, so a
+:class:`~lightning_maxup.core.random.KeyedGenerator` works) and run the third-party code under
 :func:`torch.random.fork_rng`, with the global RNG seeded from those seeds; the caller's global RNG state is
 restored afterwards, so the adapters neither consume nor perturb the global stream.
 
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_maxup import random as lr
 from lightning_maxup.augment._base import Augmentation, Params, replace_inputs, split_inputs
-from lightning_maxup.random import Generator, KeyedGenerator
+from lightning_maxup.core import random as lr
+from lightning_maxup.core.random import Generator, KeyedGenerator
 
 __all__ = ["KorniaAdapter", "TorchvisionAdapter", "seeded_rng"]
 
@@ -156,7 +156,7 @@ class KorniaAdapter(Augmentation):
 
     kornia draws one set of parameters per row from the global RNG; the adapter seeds that RNG, inside
     :func:`seeded_rng`, from a seed drawn from the generator, so the draw is reproducible and the caller's global
-    RNG is untouched. With a :class:`~lightning_maxup.random.KeyedGenerator` (or ``per_row=True``), each row is
+    RNG is untouched. With a :class:`~lightning_maxup.core.random.KeyedGenerator` (or ``per_row=True``), each row is
     augmented by its own call with its own seed, so a row's draw depends on its key only, not on its position in
     the batch; this costs one kornia call per row (30-100x the batched call on a CPU; see ``docs/augmentations.md``).
 

@@ -2,8 +2,8 @@
 
 Every augmentation takes clouds ``x`` of shape ``[N, P, 3]`` (``N`` clouds of ``P`` points, xyz last), or a tuple
 ``(x, y, ...)``, and transforms the whole batch with broadcast tensor operations: the random parameters (one
-angle, one scale, or one noise tensor per cloud) are drawn through :mod:`lightning_maxup.random`, so a
-:class:`~lightning_maxup.random.KeyedGenerator` makes the draws independent of how the clouds are split across
+angle, one scale, or one noise tensor per cloud) are drawn through :mod:`lightning_maxup.core.random`, so a
+:class:`~lightning_maxup.core.random.KeyedGenerator` makes the draws independent of how the clouds are split across
 ranks.
 
 :class:`PointSubset` is the point-cloud analogue of MaxUp's low-resolution selection (Gong et al., 2021, Sec. 4):
@@ -23,10 +23,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_maxup import random as lr
 from lightning_maxup.augment._base import Augmentation, Params, replace_inputs, split_inputs
-from lightning_maxup.random import Generator
-from lightning_maxup.views import PointSubset, check_points, farthest_point_sample
+from lightning_maxup.core import random as lr
+from lightning_maxup.core.random import Generator
+from lightning_maxup.core.views import PointSubset, check_points, farthest_point_sample
 
 __all__ = [
     "PointGaussianNoise",

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_maxup import random as lr
 from lightning_maxup._validation import non_negative_int, one_of
 from lightning_maxup.augment._base import Augmentation, Params, replace_inputs, split_inputs
-from lightning_maxup.batch import memory_format_of
-from lightning_maxup.random import Generator
+from lightning_maxup.core import random as lr
+from lightning_maxup.core.batch import memory_format_of
+from lightning_maxup.core.random import Generator
 
 __all__ = ["OPS", "RandAugment", "magnitude_table", "op_values"]
 

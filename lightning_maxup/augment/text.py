@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_maxup import random as lr
 from lightning_maxup.augment._base import Augmentation, Params
-from lightning_maxup.random import Generator
+from lightning_maxup.core import random as lr
+from lightning_maxup.core.random import Generator
 
 __all__ = ["TokenBatch", "WordEmbeddingDropout", "embedding_scale", "sequence_loss"]
 

@@ -57,9 +57,9 @@ from lightning_maxup.augment import (
     WordEmbeddingDropout,
 )
 from lightning_maxup.augment.randaugment import RandAugment
-from lightning_maxup.batch import first_floating
-from lightning_maxup.functional import MaxUpOutput
-from lightning_maxup.mixin import MaxUpMixin, require_maxup_module
+from lightning_maxup.core.batch import first_floating
+from lightning_maxup.core.functional import MaxUpOutput
+from lightning_maxup.training.mixin import MaxUpMixin, require_maxup_module
 
 if TYPE_CHECKING:
     from lightning_maxup._lightning import pl

@@ -25,8 +25,8 @@ from scipy.stats import beta as _beta
 from scipy.stats import binomtest
 from torch import Tensor, nn
 
-from lightning_maxup import random as lr
-from lightning_maxup.random import KeyedGenerator
+from lightning_maxup.core import random as lr
+from lightning_maxup.core.random import KeyedGenerator
 
 __all__ = [
     "ABSTAIN",

@@ -2,7 +2,7 @@
 
 The three recipes of the MaxUp paper's certified-robustness experiment (Gong et al., 2021, Sec. 4.4):
 
-* **Gaussian augmentation** (Cohen et al., 2019): :class:`~lightning_maxup.models.MaxUpClassifier` with
+* **Gaussian augmentation** (Cohen et al., 2019): :class:`~lightning_maxup.recipes.models.MaxUpClassifier` with
   ``augment=GaussianNoise(σ)`` and ``m=1`` -- :func:`gaussian_classifier`.
 * **MaxUp + Gauss**: the same classifier with ``m > 1`` noisy copies per sample, minimising the worst one --
   :func:`maxup_gauss_classifier`; the paper searches ``m`` in :data:`MAXUP_GAUSS_M_GRID` and ``σ`` in
@@ -24,11 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_maxup import random as lr
 from lightning_maxup._lightning import pl
-from lightning_maxup._state import modes_restored
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.callback import MaxUp
 from lightning_maxup.certify.functional import (
     DEFAULT_ALPHA,
     DEFAULT_BATCH_SIZE,
@@ -41,9 +38,12 @@ from lightning_maxup.certify.functional import (
 )
 from lightning_maxup.certify.metric import TABLE_RADII, CertifiedAccuracy
 from lightning_maxup.certify.smoothing import Smooth
-from lightning_maxup.models import MaxUpClassifier
-from lightning_maxup.models.classifier import Classifier
-from lightning_maxup.random import mix_seed, resolve_seed
+from lightning_maxup.core import random as lr
+from lightning_maxup.core._state import modes_restored
+from lightning_maxup.core.random import mix_seed, resolve_seed
+from lightning_maxup.recipes.models import MaxUpClassifier
+from lightning_maxup.recipes.models.classifier import Classifier
+from lightning_maxup.training.callback import MaxUp
 
 __all__ = [
     "MAXUP_GAUSS_M_GRID",
@@ -80,10 +80,10 @@ def gaussian_classifier(backbone: nn.Module, num_classes: int, sigma: float, **k
         backbone: Network mapping inputs to logits.
         num_classes: Number of classes.
         sigma: Noise standard deviation, the σ the model will be certified at.
-        kwargs: Other :class:`~lightning_maxup.models.MaxUpClassifier` arguments (optimizer, lr, seed, ...).
+        kwargs: Other :class:`~lightning_maxup.recipes.models.MaxUpClassifier` arguments (optimizer, lr, seed, ...).
 
     Example:
-        >>> from lightning_maxup.models import SmallCNN
+        >>> from lightning_maxup.recipes.models import SmallCNN
         >>> gaussian_classifier(SmallCNN(1, 10, width=4), 10, sigma=0.25).maxup_m
         1
     """
@@ -96,7 +96,7 @@ def maxup_gauss_classifier(
     """MaxUp + Gauss: minimise the worst loss over ``m`` Gaussian-noised copies per sample (Gong et al., 2021).
 
     Example:
-        >>> from lightning_maxup.models import SmallCNN
+        >>> from lightning_maxup.recipes.models import SmallCNN
         >>> maxup_gauss_classifier(SmallCNN(1, 10, width=4), 10, sigma=0.25, m=25).maxup_m
         25
     """
@@ -110,7 +110,7 @@ class SmoothAdvClassifier(Classifier):
     ``epsilon`` against the average softmax over those noisy copies (model in eval mode), and minimises the
     cross-entropy of every noisy copy of the adversarial input. ``epsilon`` ramps up linearly over the first
     ``warmup_epochs`` epochs, as in Salman et al.'s code. Validation and test log ``val/acc`` and ``test/acc``
-    on clean inputs, like :class:`~lightning_maxup.models.MaxUpClassifier`.
+    on clean inputs, like :class:`~lightning_maxup.recipes.models.MaxUpClassifier`.
 
     Args:
         backbone: Network mapping inputs to ``num_classes`` logits.
@@ -129,7 +129,7 @@ class SmoothAdvClassifier(Classifier):
         seed: Base seed of the noise stream (default: the global seed).
 
     Example:
-        >>> from lightning_maxup.models import SmallCNN
+        >>> from lightning_maxup.recipes.models import SmallCNN
         >>> model = SmoothAdvClassifier(SmallCNN(1, 10, width=4), 10, sigma=0.25, epsilon=0.5, steps=2)
         >>> model(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
@@ -274,7 +274,7 @@ def build_recipe(
         ``(module, callbacks)``.
 
     Example:
-        >>> from lightning_maxup.models import SmallCNN
+        >>> from lightning_maxup.recipes.models import SmallCNN
         >>> model, callbacks = build_recipe("maxup_gauss", SmallCNN(1, 10, width=4), 10, sigma=0.25, m=3, lr=1e-3)
         >>> model.maxup_m, [type(c).__name__ for c in callbacks]
         (3, ['MaxUp'])

@@ -34,7 +34,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from lightning_maxup._validation import one_of
-from lightning_maxup.config import SelectionMode
+from lightning_maxup.core.config import SelectionMode
 
 __all__ = ["ModeSnapshot", "ModelSnapshot", "ShardedParams", "modes_restored", "preserved"]
 

@@ -1,7 +1,7 @@
 """``MaxUpConfig``: every option of a MaxUp step, validated once, in one frozen object.
 
-:func:`~lightning_maxup.functional.maxup_step`, :class:`~lightning_maxup.MaxUpMixin`, the
-:class:`~lightning_maxup.MaxUp` callback's overrides, :class:`~lightning_maxup.models.MaxUpClassifier` and
+:func:`~lightning_maxup.core.functional.maxup_step`, :class:`~lightning_maxup.MaxUpMixin`, the
+:class:`~lightning_maxup.MaxUp` callback's overrides, :class:`~lightning_maxup.recipes.models.MaxUpClassifier` and
 LightningCLI YAML (``model.init_args.maxup``) all read this object, so an option is added, documented and checked
 in one place.
 """
@@ -23,7 +23,7 @@ from lightning_maxup._validation import (
     positive_int,
     precision,
 )
-from lightning_maxup.views import Downsample
+from lightning_maxup.core.views import Downsample
 
 __all__ = ["MaxUpConfig", "SelectionDtype", "SelectionFormat", "SelectionMode"]
 
@@ -68,7 +68,7 @@ class MaxUpConfig:
         selection_size: Select on images downsampled to this side (16 px on CIFAR, 96 px on ImageNet in the
             paper): shorthand for ``selection_view=Downsample(selection_size)``.
         selection_view: Custom view ``view(batch) -> batch`` the selection pass scores, e.g.
-            :class:`~lightning_maxup.views.PointSubset`; give either this or ``selection_size``.
+            :class:`~lightning_maxup.core.views.PointSubset`; give either this or ``selection_size``.
         selection_mode: ``"eval"`` scores copies in eval mode (running statistics, dropout off); ``"train"`` in
             train mode (batch statistics of the candidates, dropout on with its own masks). Either way the model
             is left exactly as it was.

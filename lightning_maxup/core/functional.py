@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from lightning_maxup import random as lr
-from lightning_maxup._state import preserved
-from lightning_maxup.batch import (
+from lightning_maxup.core import random as lr
+from lightning_maxup.core._state import preserved
+from lightning_maxup.core.batch import (
     Candidates,
     batch_size,
     expand_copies,
@@ -44,9 +44,9 @@ from lightning_maxup.batch import (
     tensor_leaves,
     unwrap_shared,
 )
-from lightning_maxup.config import MaxUpConfig, SelectionMode
-from lightning_maxup.random import Generator
-from lightning_maxup.views import Downsample, downsample_view
+from lightning_maxup.core.config import MaxUpConfig, SelectionMode
+from lightning_maxup.core.random import Generator
+from lightning_maxup.core.views import Downsample, downsample_view
 
 __all__ = [
     "MaxUpOutput",
@@ -495,8 +495,8 @@ def maxup_step(
     Args:
         loss_fn: Maps a batch to a 1-D tensor of per-sample losses (``reduction="none"``).
         batch: A tensor or a (nested) tuple/list/dict of tensors whose first dimension is the batch; wrap
-            tensors that are not per-sample in :class:`~lightning_maxup.batch.Shared`. A
-            :class:`~lightning_maxup.batch.Candidates` holds copies made already (by the DataLoader): they are
+            tensors that are not per-sample in :class:`~lightning_maxup.core.batch.Shared`. A
+            :class:`~lightning_maxup.core.batch.Candidates` holds copies made already (by the DataLoader): they are
             scored as they are, without ``augment``; with ``m == 1`` the step trains on copy 0.
         config: The step's options (:class:`~lightning_maxup.MaxUpConfig`); default ``MaxUpConfig()``.
         *legacy: Deprecated: the 0.1 call ``maxup_step(loss_fn, batch, augment, m)`` still works, with a
@@ -581,7 +581,7 @@ def check_per_sample(batch: Any) -> None:
     MaxUp expands, augments and gathers every leaf with ``B`` rows. A tensor shared by all samples that does not
     have ``B`` rows would be passed on unchanged, and one that happens to have ``B`` rows would be treated as
     per-sample until the epoch's shorter last batch: both are refused here, naming
-    :class:`~lightning_maxup.batch.Shared`.
+    :class:`~lightning_maxup.core.batch.Shared`.
 
     Example:
         >>> check_per_sample((torch.zeros(4, 2), torch.zeros(4)))

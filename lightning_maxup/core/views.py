@@ -4,7 +4,7 @@ The paper selects the worst copy on a low-resolution image (16 px on CIFAR, 96 p
 back-propagates it at full resolution (Gong et al., 2021, Sec. 4). A view is any callable
 ``view(batch) -> batch`` that keeps the rows: :class:`Downsample` resizes images (``selection_size=s`` is shorthand
 for ``Downsample(s)``), :class:`PointSubset` keeps ``k`` points of each cloud. Both only touch per-sample leaves,
-so :class:`~lightning_maxup.batch.Shared` tensors pass through unchanged. A custom view follows the same protocol;
+so :class:`~lightning_maxup.core.batch.Shared` tensors pass through unchanged. A custom view follows the same protocol;
 it may also define ``check(batch)``, which the mixin's pre-flight check calls on the first real batch.
 """
 
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_maxup import random as lr
 from lightning_maxup._validation import non_negative_int, one_of, positive_int
-from lightning_maxup.batch import first_floating, memory_format_of, replace_leaf, split_inputs
-from lightning_maxup.random import KeyedGenerator, hash32
+from lightning_maxup.core import random as lr
+from lightning_maxup.core.batch import first_floating, memory_format_of, replace_leaf, split_inputs
+from lightning_maxup.core.random import KeyedGenerator, hash32
 
 __all__ = [
     "Downsample",
@@ -211,7 +211,7 @@ class PointSubset:
 
     ``selection_view`` receives only the batch, so ``"random"`` derives each cloud's subset deterministically
     from the cloud itself: a hash of its coordinates (and ``seed``) keys a
-    :class:`~lightning_maxup.random.KeyedGenerator`. The view is therefore stateless and replayable, needs nothing
+    :class:`~lightning_maxup.core.random.KeyedGenerator`. The view is therefore stateless and replayable, needs nothing
     saved in checkpoints, draws the same subset for a cloud on any rank and any batch split, and gives differently
     augmented copies of a sample different subsets. ``"fps"`` takes farthest-point samples instead (deterministic,
     better coverage, ``k`` sequential steps).

@@ -1,1 +1,22 @@
-"""Datasets, data modules of plain data and the candidate copies made in DataLoader workers."""
+"""Datasets, data modules of plain data and the candidate copies made in DataLoader workers.
+
+``lightning_maxup.data`` moved to ``lightning_maxup.data.datasets``, ``lightning_maxup.data.multiview``,
+``lightning_maxup.recipes.datamodules``, ``lightning_maxup.training.schedule``. The old path keeps working (imports,
+``class_path`` in configs, pickles and checkpoints) with a :class:`DeprecationWarning` naming the new one.
+"""
+
+# relayout: shim (written by the re-layout script of issue 23; see lightning_maxup/_moved.py)
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_maxup._moved import MOVED, moved_attribute
+
+
+def __getattr__(name: str) -> Any:
+    return moved_attribute(__name__, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(MOVED.get(__name__, {}))

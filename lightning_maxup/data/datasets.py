@@ -1,4 +1,8 @@
-"""Data modules of the paper's benchmarks: CIFAR-10/100 and ImageNet, each with a generated stand-in for CI.
+"""Datasets: CIFAR-10/100 and ImageNet data modules, sample indices and the bundled digits.
+
+:class:`IndexedDataset` appends each item's index (for ``randomness="sample"``); :func:`load_digits_split`
+splits scikit-learn's handwritten digits (shipped with the package, no download). The data modules are those
+of the paper's benchmarks, each with a generated stand-in for CI.
 
 They deliver un-augmented tensors: with MaxUp the augmentation (crop, flip, Cutout, CutMix, noise) runs inside
 the training step on the ``m`` copies of every sample, so it belongs in the model's ``augment`` (for example
@@ -16,11 +20,24 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    TensorDataset,  # noqa: F401 (doctests)
+)
 
 from lightning_maxup._lightning import pl
 
-__all__ = ["CIFAR_MEAN_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CIFARDataModule", "FakeImages", "ImageNetDataModule"]
+__all__ = [
+    "CIFARDataModule",
+    "CIFAR_MEAN_STD",
+    "FakeImages",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageNetDataModule",
+    "IndexedDataset",
+    "load_digits_split",
+]
 
 #: Per-channel mean and standard deviation of the CIFAR training sets.
 CIFAR_MEAN_STD: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -297,3 +314,65 @@ class ImageNetDataModule(_ImageDataModule):
         self.train_set = datasets.ImageFolder(str(Path(self.root) / "train"), transforms.Compose(train_head + tail))
         self.val_set = datasets.ImageFolder(str(Path(self.root) / "val"), transforms.Compose(center + tail))
         self.num_classes = len(self.train_set.classes)  # type: ignore[attr-defined]
+
+
+class IndexedDataset(Dataset):
+    """Wrap a map-style dataset so that each item also carries its index: ``(*item, index)``.
+
+    MaxUp's ``randomness="sample"`` keys augmentation draws by dataset index; with this wrapper, a
+    :class:`~lightning_maxup.MaxUpMixin`'s ``maxup_sample_index(batch)`` is ``batch[-1]``. Tuple items gain one
+    trailing element; any other item ``x`` becomes ``(x, index)``.
+
+    Args:
+        dataset: A map-style dataset (with ``__getitem__`` and ``__len__``).
+
+    Example:
+        >>> ds = IndexedDataset(TensorDataset(torch.zeros(3, 2), torch.tensor([7, 8, 9])))
+        >>> x, y, i = ds[2]
+        >>> int(y), i
+        (9, 2)
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"Expected `dataset` to be a map-style dataset (__getitem__ and __len__), got {type(dataset).__name__}"
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        item = self.dataset[index]
+        return (*item, index) if isinstance(item, tuple) else (item, index)
+
+
+def load_digits_split(
+    seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Stratified train/validation/test splits of the digits as ``(x [N, 1, 8, 8] in [0, 1], y [N])`` pairs.
+
+    Example:
+        >>> (xtr, ytr), (xva, yva), (xte, yte) = load_digits_split()
+        >>> xtr.shape[1:], len(xtr) + len(xva) + len(xte)
+        (torch.Size([1, 8, 8]), 1797)
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < value < 1:
+            raise ValueError(f"Expected `{name}` in (0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"Expected `val_fraction` + `test_fraction` < 1, got {val_fraction} + {test_fraction}")
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    idx = torch.arange(len(y)).numpy()
+    rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=y.numpy())
+    train, val = train_test_split(
+        rest, test_size=val_fraction / (1 - test_fraction), random_state=seed, stratify=y.numpy()[rest]
+    )
+    pick = lambda i: (x[torch.as_tensor(i)], y[torch.as_tensor(i)])  # noqa: E731
+    return pick(train), pick(val), pick(test)

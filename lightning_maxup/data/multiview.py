@@ -9,7 +9,7 @@ is decoded, in the DataLoader workers, as DINO's multi-crop and SimCLR's two vie
   under the global random generators (torch, ``random``, numpy) seeded from ``(seed, epoch, sample index, copy)``,
   and stacks the views on a new first axis. The draws therefore replay exactly, resume mid-epoch and do not depend
   on ``num_workers``, the sampler or the world size.
-* :func:`multiview_collate` turns a list of such items into a :class:`~lightning_maxup.batch.Candidates` of
+* :func:`multiview_collate` turns a list of such items into a :class:`~lightning_maxup.core.batch.Candidates` of
   ``m * B`` rows, copy-major (row ``k * B + i`` is copy ``k`` of sample ``i``), which
   :func:`~lightning_maxup.maxup_step` and :class:`~lightning_maxup.MaxUpMixin` score as they are.
 
@@ -35,8 +35,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from lightning_maxup.batch import Candidates
-from lightning_maxup.random import mix_seed, resolve_seed
+from lightning_maxup.core.batch import Candidates
+from lightning_maxup.core.random import mix_seed, resolve_seed
 
 __all__ = ["MultiView", "multiview_collate"]
 
@@ -207,7 +207,7 @@ class MultiView(Dataset):
 
     Wired once: a plain ``DataLoader(ds, batch_size, shuffle=True, num_workers=...)`` needs no ``collate_fn``
     (an item is marked as a MultiView item, and torch's ``default_collate`` lays a list of them out as
-    :func:`multiview_collate` does, into :class:`~lightning_maxup.batch.Candidates`), and under Lightning the
+    :func:`multiview_collate` does, into :class:`~lightning_maxup.core.batch.Candidates`), and under Lightning the
     :class:`~lightning_maxup.MaxUp` callback finds the MultiView in the training loader and sets its epoch and
     view count (one view during the warm-up, ``m`` after it) before each epoch's first batch, resumed fits and
     persistent workers included. In a plain loop call :meth:`set_epoch` at every epoch, as for a
@@ -446,7 +446,7 @@ def multiview_collate(items: Sequence[Any], input_key: InputKey = 0) -> Candidat
         input_key: The input's position or key, as given to :class:`MultiView`.
 
     Returns:
-        The batch wrapped in :class:`~lightning_maxup.batch.Candidates` with ``m`` = the items' number of views.
+        The batch wrapped in :class:`~lightning_maxup.core.batch.Candidates` with ``m`` = the items' number of views.
 
     Example:
         >>> items = [(torch.tensor([[0.0], [10.0]]), 0), (torch.tensor([[1.0], [11.0]]), 1)]  # 2 views, 2 samples
@@ -485,7 +485,7 @@ def _check_views(inputs: list[Any]) -> int:
     if bad is not None:
         raise TypeError(
             f"multiview_collate expects each item's input to be a [views, ...] tensor from MultiView, got {bad};"
-            " wrap the dataset in lightning_maxup.data.MultiView, or check `input_key`"
+            " wrap the dataset in lightning_maxup.data.multiview.MultiView, or check `input_key`"
         )
     shapes = sorted({tuple(x.shape[1:]) for x in inputs})
     if len(shapes) > 1:

@@ -1,35 +1,38 @@
-"""Callbacks that measure what MaxUp buys while a model trains: selection fidelity and worst-of-k accuracy.
+"""Selection fidelity: does MaxUp's cheap selection pass pick the copy the full input would have picked?
 
-:class:`SelectionFidelity` checks, every few training steps, whether a cheap selection pass (a downsampled view,
-reduced precision) picks the copy the full input would have picked. :class:`WorstOfKValidation` logs the
-test-time counterpart of MaxUp's objective on the validation batches: the share of samples whose ``k`` augmented
-copies are all classified correctly (Engstrom et al., ICML 2019). The quantities themselves are plain tensor
-functions in :mod:`lightning_maxup.metrics`.
+MaxUp may score its candidates on a view (``selection_size``: downsampled images) or in reduced precision
+(``selection_dtype``) to save time. :func:`full_input_losses` scores the same candidates on the full input in
+float32, :func:`view_fidelity` compares the two picks, and the :class:`SelectionFidelity` callback checks them
+every few training steps. Worst-of-k accuracy and its validation callback are in
+:mod:`lightning_maxup.evaluation.worst_of_k`.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_maxup._deferred import HostCopy
 from lightning_maxup._lightning import Callback, rank_zero_warn
-from lightning_maxup._state import preserved
 from lightning_maxup._validation import positive_float, positive_int
-from lightning_maxup.batch import Candidates, split_inputs
-from lightning_maxup.config import MaxUpConfig
-from lightning_maxup.metrics import ViewFidelity, WorstOfKAccuracy, full_input_losses, view_fidelity
-from lightning_maxup.mixin import MaxUpMixin, require_maxup_module
+from lightning_maxup.core._state import preserved
+from lightning_maxup.core.batch import (
+    tensor_leaves,
+)
+from lightning_maxup.core.config import MaxUpConfig
+from lightning_maxup.core.functional import selection_losses
+from lightning_maxup.evaluation.worst_of_k import LossFn
+from lightning_maxup.training._deferred import HostCopy
+from lightning_maxup.training.mixin import MaxUpMixin, require_maxup_module
 
 if TYPE_CHECKING:
     from lightning_maxup._lightning import pl
 
-__all__ = ["SelectionFidelity", "WorstOfKValidation", "has_shortcut"]
+__all__ = ["SelectionFidelity", "ViewFidelity", "full_input_losses", "has_shortcut", "view_fidelity"]
 
 
 def has_shortcut(config: MaxUpConfig, trainer_precision: str = "32-true") -> bool:
@@ -216,92 +219,69 @@ class SelectionFidelity(Callback):
         self.warned = bool(state_dict.get("warned", False))
 
 
-class WorstOfKValidation(Callback):
-    """Log ``val/worst_of_{k}_acc``: the share of validation samples whose ``k`` augmented copies all pass.
+@dataclass(frozen=True)
+class ViewFidelity:
+    """How well the selection view's pick matches the full input's (see :func:`view_fidelity`).
 
-    The evaluation counterpart of MaxUp's training objective (Engstrom et al., "Exploring the landscape of
-    spatial robustness", ICML 2019: worst-of-10). On every validation batch it splits the batch into inputs and
-    targets, classifies ``k`` augmented copies of each sample with ``predict`` (default: the module's forward,
-    in the validation loop's eval mode and without gradient) and updates a :class:`~lightning_maxup.metrics.\
-WorstOfKAccuracy`, computed (summed over ranks) and reset at the end of the epoch. The draws are
-    keyed by ``seed`` and the batch's position in the epoch, so every validation epoch (and a rerun) draws the
-    same copies; only the model changes between epochs. Several validation dataloaders count as one set.
-
-    Copies made the way training makes them: with ``augment=None`` it scores the loader-made
-    :class:`~lightning_maxup.batch.Candidates` of a validation loader over ``MultiView(val_set, transform, k,
-    evaluation=True)`` as they are (keyed by ``(seed, index, copy)``, the same at every validation) and skips the
-    batches of any other validation loader, so a plain loader beside it keeps the ordinary metrics.
-
-    Args:
-        augment: ``augment(batch, generator=...) -> batch``, called on the expanded ``(inputs, target)`` pair;
-            ``None`` for loader-made copies (see above).
-        k: Augmented copies per sample.
-        seed: Base seed of the draws.
-        predict: ``predict(pl_module, x) -> logits``; default ``pl_module(x)``.
-        chunk_size: Rows per forward (default: all ``k * B`` at once).
-
-    Example:
-        >>> from lightning_maxup.augment import RandomCrop
-        >>> callback = WorstOfKValidation(RandomCrop(8, padding=1), k=10)
-        >>> callback.name
-        'val/worst_of_10_acc'
+    Attributes:
+        agreement: Share of samples whose view pick is the full input's worst copy.
+        regret: Mean over samples of the full-input loss of the full input's worst copy minus that of the view's
+            pick (never negative; 0 when they agree).
+        chance: ``1 / m``, the agreement of a pick made at random.
     """
 
-    def __init__(
-        self,
-        augment: Callable[..., Any] | None,
-        k: int = 10,
-        seed: int = 0,
-        predict: Callable[[Any, Tensor], Tensor] | None = None,
-        chunk_size: int | None = None,
-    ) -> None:
-        self.metric = WorstOfKAccuracy(augment, k=k, seed=seed, chunk_size=chunk_size)
-        if predict is not None and not callable(predict):
-            raise TypeError(f"Expected `predict` to be callable as predict(pl_module, x) or None, got {predict!r}")
-        self.predict = predict
-        self.name = f"val/worst_of_{self.metric.k}_acc"
+    agreement: Tensor
+    regret: Tensor
+    chance: float
 
-    @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.metric = self.metric.to(pl_module.device)
-        self.metric.reset()
 
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if isinstance(batch, Candidates) or self.metric.augment is None:
-            self._update_candidates(pl_module, batch)
-            return
-        x, y = split_inputs(batch)
-        if y is None:
-            raise ValueError(
-                f"{type(self).__name__} needs validation batches with targets, got {type(batch).__name__} without one"
-            )
-        predict = self.predict
-        if predict is None:
-            self.metric.update(pl_module, x, y)
-        else:
-            self.metric.update(lambda inputs: predict(pl_module, inputs), x, y)
+def view_fidelity(view_losses: Tensor, full_losses: Tensor) -> ViewFidelity:
+    """Compare the per-sample arg-max of the view's candidate losses ``[m, B]`` with that of the full input's.
 
-    def _update_candidates(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        if not isinstance(batch, Candidates):
-            return  # another validation loader: with `augment=None` only the MultiView loader's batches count
-        predict = self.predict
-        if predict is None:
-            self.metric.update(pl_module, batch)
-        else:
-            self.metric.update(lambda inputs: predict(pl_module, inputs), batch)
+    The view's pick is the arg-max of ``view_losses`` (the copy MaxUp trains on, or, with a selection
+    temperature, the copy it would train on at ``τ -> 0``); ties go to the lowest copy index, as in
+    :func:`~lightning_maxup.core.functional.select_worst`. Agreement counts a pick as right when its full-input loss
+    equals the full-input maximum, so exact ties in ``full_losses`` count as agreement.
 
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.metric.num_updates:
-            value = self.metric.compute()  # summed over ranks by torchmetrics: every rank logs the same value
-            pl_module.log(self.name, value, on_step=False, on_epoch=True, sync_dist=False)
-        self.metric.reset()
+    Example:
+        >>> view = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # m = 2 copies of B = 2 samples
+        >>> full = torch.tensor([[3.0, 0.0], [1.0, 2.0]])
+        >>> f = view_fidelity(view, full)
+        >>> float(f.agreement), float(f.regret), f.chance
+        (1.0, 0.0, 0.5)
+        >>> f = view_fidelity(view, full.flip(0))  # the view now picks each sample's best copy
+        >>> float(f.agreement), float(f.regret)
+        (0.0, 2.0)
+    """
+    if view_losses.dim() != 2 or view_losses.shape != full_losses.shape:
+        raise ValueError(
+            "Expected `view_losses` and `full_losses` of the same shape [m, B], got"
+            f" {list(view_losses.shape)} and {list(full_losses.shape)}"
+        )
+    full = full_losses.float()
+    pick = view_losses.argmax(dim=0, keepdim=True).to(full.device)
+    picked = full.gather(0, pick)[0]
+    worst = full.amax(dim=0)
+    return ViewFidelity((picked >= worst).float().mean(), (worst - picked).mean(), 1.0 / int(full.shape[0]))
+
+
+def full_input_losses(
+    loss_fn: LossFn, candidates: Any, config: MaxUpConfig, *, model: nn.Module | None = None
+) -> Tensor:
+    """Losses ``[m * B]`` of MaxUp's candidates on the full input in float32, without gradient.
+
+    The selection pass of ``config`` with its view, reduced precision and memory format removed (and any
+    surrounding autocast switched off): what the selection would have scored without its shortcuts. It runs in
+    ``config.selection_mode`` and in ``config.chunk_size`` rows, and leaves ``model`` exactly as it was.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> cfg = MaxUpConfig(m=3, selection_dtype="bfloat16")
+        >>> full_input_losses(lambda b: net(b).squeeze(1), torch.zeros(6, 2), cfg, model=net).dtype
+        torch.float32
+    """
+    full = config.replace(selection_size=None, selection_view=None, selection_dtype=None, selection_memory_format=None)
+    leaves = tensor_leaves(candidates)
+    device_type = leaves[0].device.type if leaves else "cpu"
+    with torch.autocast(device_type, enabled=False):
+        return selection_losses(loss_fn, candidates, full, model=model)

@@ -7,11 +7,12 @@ landscape of spatial robustness" (ICML 2019) report it as "worst-of-10" accuracy
 translations; AugMax (Wang et al., NeurIPS 2021) validates on the same worst-of-k quantity.
 
 The copies can come from the DataLoader, made the way training makes them: a validation loader over
-``MultiView(val_set, transform, k, evaluation=True)`` yields :class:`~lightning_maxup.batch.Candidates` of ``k * B``
+``MultiView(val_set, transform, k, evaluation=True)`` yields :class:`~lightning_maxup.core.batch.Candidates` of ``k *
+B``
 rows keyed by ``(seed, index, copy)``, which :func:`worst_of_k_correct_candidates` and
 ``WorstOfKAccuracy.update(predict, candidates)`` score as they are. Otherwise the ``k`` copies are built exactly as
 the MaxUp step builds its candidates: the batch is expanded copy-major
-(row ``j * B + i`` is copy ``j`` of sample ``i``, :func:`~lightning_maxup.batch.expand_copies`) and the
+(row ``j * B + i`` is copy ``j`` of sample ``i``, :func:`~lightning_maxup.core.batch.expand_copies`) and the
 augmentation is called once on all ``k * B`` rows as ``augment(batch, generator=...)``. Everything runs without
 gradient.
 
@@ -19,44 +20,41 @@ gradient.
 :class:`WorstOfKAccuracy` is the torchmetrics ``Metric`` around :func:`worst_of_k_correct`, summed over batches
 and reduced over DDP ranks.
 
-The second part measures whether a cheap selection pass picks what the full one would. MaxUp may score its
-candidates on a view (``selection_size``: downsampled images) or in reduced precision (``selection_dtype``) to
-save time; :func:`full_input_losses` scores the same candidates on the full input in float32 and
-:func:`view_fidelity` compares the two picks. :class:`~lightning_maxup.fidelity.SelectionFidelity` logs them
-during training.
+:class:`WorstOfKValidation` logs :class:`WorstOfKAccuracy` on the validation batches. Whether a cheap
+selection pass picks what the full input would is measured in :mod:`lightning_maxup.evaluation.fidelity`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
+from typing_extensions import override
 
+from lightning_maxup._lightning import Callback
 from lightning_maxup._validation import callable_or_none, optional_positive_int, positive_int
-from lightning_maxup.batch import (
+from lightning_maxup.core.batch import (
     Candidates,
     batch_size,
     expand_copies,
     slice_rows,
     split_inputs,
-    tensor_leaves,
     unwrap_shared,
 )
-from lightning_maxup.config import MaxUpConfig
-from lightning_maxup.functional import augment_rows, check_losses, chunk_bounds, selection_losses
-from lightning_maxup.random import Generator, KeyedGenerator
+from lightning_maxup.core.functional import augment_rows, check_losses, chunk_bounds
+from lightning_maxup.core.random import Generator, KeyedGenerator
+
+if TYPE_CHECKING:
+    from lightning_maxup._lightning import pl
 
 __all__ = [
-    "ViewFidelity",
     "WorstOfKAccuracy",
+    "WorstOfKValidation",
     "copy_keys",
-    "full_input_losses",
-    "view_fidelity",
     "worst_of_k_accuracy",
     "worst_of_k_correct",
     "worst_of_k_correct_candidates",
@@ -86,7 +84,7 @@ def _check_chunk_size(chunk_size: Any) -> None:
 def copy_keys(rows: Tensor, k: int) -> Tensor:
     """Keys ``[k * B, 2]`` of the copy-major expanded batch: ``(row key, copy index)`` for row ``j * B + i``.
 
-    Give them, with a seed, to a :class:`~lightning_maxup.random.KeyedGenerator`: copy ``j`` of a sample then
+    Give them, with a seed, to a :class:`~lightning_maxup.core.random.KeyedGenerator`: copy ``j`` of a sample then
     draws the same augmentation whatever ``k`` is, so worst-of-``k`` and worst-of-``k + 1`` see nested copies.
 
     Args:
@@ -164,9 +162,9 @@ def worst_of_k_correct(
 def worst_of_k_correct_candidates(predict: Predict, candidates: Candidates, *, chunk_size: int | None = None) -> Tensor:
     """Per sample, whether all copies of premade ``candidates`` are classified correctly (a bool tensor ``[B]``).
 
-    ``candidates.batch`` holds ``k * B`` rows, copy-major (a :class:`~lightning_maxup.multiview.MultiView` loader
+    ``candidates.batch`` holds ``k * B`` rows, copy-major (a :class:`~lightning_maxup.data.multiview.MultiView` loader
     makes them, with the training pipeline); its inputs and targets are found as the built-in augmentations find
-    them (:func:`~lightning_maxup.batch.split_inputs`: the inputs are the leaf with the most dimensions).
+    them (:func:`~lightning_maxup.core.batch.split_inputs`: the inputs are the leaf with the most dimensions).
 
     Args:
         predict: Maps inputs ``[rows, ...]`` to logits ``[rows, C]``.
@@ -296,7 +294,7 @@ def worst_of_k_loss(
 class WorstOfKAccuracy(Metric):
     """Worst-of-k accuracy accumulated over batches and summed over DDP ranks.
 
-    Each :meth:`update` draws the ``k`` copies from a :class:`~lightning_maxup.random.KeyedGenerator` seeded
+    Each :meth:`update` draws the ``k`` copies from a :class:`~lightning_maxup.core.random.KeyedGenerator` seeded
     with ``seed``, keyed per row by ``(update number, row in the batch, copy index)``, or by
     ``(index, copy index)`` when ``update`` is given the samples' dataset ``index``. So an evaluation *replays*:
     after :meth:`reset`, the same model fed the same batches in the same order draws the very same copies and
@@ -308,7 +306,7 @@ class WorstOfKAccuracy(Metric):
     (different) batches; every sample still gets independent draws over its copies.
 
     Copies made the way training makes them: ``update(predict, candidates)`` with the
-    :class:`~lightning_maxup.batch.Candidates` of a loader over ``MultiView(val_set, transform, k,
+    :class:`~lightning_maxup.core.batch.Candidates` of a loader over ``MultiView(val_set, transform, k,
     evaluation=True)`` scores the loader's ``k`` copies as they are (``augment`` may then be ``None``); their keys
     ``(seed, index, copy)`` are fixed per sample, so an evaluation replays as well.
 
@@ -434,69 +432,92 @@ class WorstOfKAccuracy(Metric):
         self.num_updates = 0
 
 
-@dataclass(frozen=True)
-class ViewFidelity:
-    """How well the selection view's pick matches the full input's (see :func:`view_fidelity`).
+class WorstOfKValidation(Callback):
+    """Log ``val/worst_of_{k}_acc``: the share of validation samples whose ``k`` augmented copies all pass.
 
-    Attributes:
-        agreement: Share of samples whose view pick is the full input's worst copy.
-        regret: Mean over samples of the full-input loss of the full input's worst copy minus that of the view's
-            pick (never negative; 0 when they agree).
-        chance: ``1 / m``, the agreement of a pick made at random.
-    """
+    The evaluation counterpart of MaxUp's training objective (Engstrom et al., "Exploring the landscape of
+    spatial robustness", ICML 2019: worst-of-10). On every validation batch it splits the batch into inputs and
+    targets, classifies ``k`` augmented copies of each sample with ``predict`` (default: the module's forward,
+    in the validation loop's eval mode and without gradient) and updates a :class:`WorstOfKAccuracy`, computed (summed
+    over ranks) and reset at the end of the epoch. The draws are
+    keyed by ``seed`` and the batch's position in the epoch, so every validation epoch (and a rerun) draws the
+    same copies; only the model changes between epochs. Several validation dataloaders count as one set.
 
-    agreement: Tensor
-    regret: Tensor
-    chance: float
+    Copies made the way training makes them: with ``augment=None`` it scores the loader-made
+    :class:`~lightning_maxup.core.batch.Candidates` of a validation loader over ``MultiView(val_set, transform, k,
+    evaluation=True)`` as they are (keyed by ``(seed, index, copy)``, the same at every validation) and skips the
+    batches of any other validation loader, so a plain loader beside it keeps the ordinary metrics.
 
-
-def view_fidelity(view_losses: Tensor, full_losses: Tensor) -> ViewFidelity:
-    """Compare the per-sample arg-max of the view's candidate losses ``[m, B]`` with that of the full input's.
-
-    The view's pick is the arg-max of ``view_losses`` (the copy MaxUp trains on, or, with a selection
-    temperature, the copy it would train on at ``τ -> 0``); ties go to the lowest copy index, as in
-    :func:`~lightning_maxup.functional.select_worst`. Agreement counts a pick as right when its full-input loss
-    equals the full-input maximum, so exact ties in ``full_losses`` count as agreement.
-
-    Example:
-        >>> view = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # m = 2 copies of B = 2 samples
-        >>> full = torch.tensor([[3.0, 0.0], [1.0, 2.0]])
-        >>> f = view_fidelity(view, full)
-        >>> float(f.agreement), float(f.regret), f.chance
-        (1.0, 0.0, 0.5)
-        >>> f = view_fidelity(view, full.flip(0))  # the view now picks each sample's best copy
-        >>> float(f.agreement), float(f.regret)
-        (0.0, 2.0)
-    """
-    if view_losses.dim() != 2 or view_losses.shape != full_losses.shape:
-        raise ValueError(
-            "Expected `view_losses` and `full_losses` of the same shape [m, B], got"
-            f" {list(view_losses.shape)} and {list(full_losses.shape)}"
-        )
-    full = full_losses.float()
-    pick = view_losses.argmax(dim=0, keepdim=True).to(full.device)
-    picked = full.gather(0, pick)[0]
-    worst = full.amax(dim=0)
-    return ViewFidelity((picked >= worst).float().mean(), (worst - picked).mean(), 1.0 / int(full.shape[0]))
-
-
-def full_input_losses(
-    loss_fn: LossFn, candidates: Any, config: MaxUpConfig, *, model: nn.Module | None = None
-) -> Tensor:
-    """Losses ``[m * B]`` of MaxUp's candidates on the full input in float32, without gradient.
-
-    The selection pass of ``config`` with its view, reduced precision and memory format removed (and any
-    surrounding autocast switched off): what the selection would have scored without its shortcuts. It runs in
-    ``config.selection_mode`` and in ``config.chunk_size`` rows, and leaves ``model`` exactly as it was.
+    Args:
+        augment: ``augment(batch, generator=...) -> batch``, called on the expanded ``(inputs, target)`` pair;
+            ``None`` for loader-made copies (see above).
+        k: Augmented copies per sample.
+        seed: Base seed of the draws.
+        predict: ``predict(pl_module, x) -> logits``; default ``pl_module(x)``.
+        chunk_size: Rows per forward (default: all ``k * B`` at once).
 
     Example:
-        >>> net = nn.Linear(2, 1)
-        >>> cfg = MaxUpConfig(m=3, selection_dtype="bfloat16")
-        >>> full_input_losses(lambda b: net(b).squeeze(1), torch.zeros(6, 2), cfg, model=net).dtype
-        torch.float32
+        >>> from lightning_maxup.augment import RandomCrop
+        >>> callback = WorstOfKValidation(RandomCrop(8, padding=1), k=10)
+        >>> callback.name
+        'val/worst_of_10_acc'
     """
-    full = config.replace(selection_size=None, selection_view=None, selection_dtype=None, selection_memory_format=None)
-    leaves = tensor_leaves(candidates)
-    device_type = leaves[0].device.type if leaves else "cpu"
-    with torch.autocast(device_type, enabled=False):
-        return selection_losses(loss_fn, candidates, full, model=model)
+
+    def __init__(
+        self,
+        augment: Callable[..., Any] | None,
+        k: int = 10,
+        seed: int = 0,
+        predict: Callable[[Any, Tensor], Tensor] | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.metric = WorstOfKAccuracy(augment, k=k, seed=seed, chunk_size=chunk_size)
+        if predict is not None and not callable(predict):
+            raise TypeError(f"Expected `predict` to be callable as predict(pl_module, x) or None, got {predict!r}")
+        self.predict = predict
+        self.name = f"val/worst_of_{self.metric.k}_acc"
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.metric = self.metric.to(pl_module.device)
+        self.metric.reset()
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if isinstance(batch, Candidates) or self.metric.augment is None:
+            self._update_candidates(pl_module, batch)
+            return
+        x, y = split_inputs(batch)
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} needs validation batches with targets, got {type(batch).__name__} without one"
+            )
+        predict = self.predict
+        if predict is None:
+            self.metric.update(pl_module, x, y)
+        else:
+            self.metric.update(lambda inputs: predict(pl_module, inputs), x, y)
+
+    def _update_candidates(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        if not isinstance(batch, Candidates):
+            return  # another validation loader: with `augment=None` only the MultiView loader's batches count
+        predict = self.predict
+        if predict is None:
+            self.metric.update(pl_module, batch)
+        else:
+            self.metric.update(lambda inputs: predict(pl_module, inputs), batch)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.metric.num_updates:
+            value = self.metric.compute()  # summed over ranks by torchmetrics: every rank logs the same value
+            pl_module.log(self.name, value, on_step=False, on_epoch=True, sync_dist=False)
+        self.metric.reset()

@@ -169,7 +169,7 @@ class WindowLoader(DataLoader[Any]):
 
     A batch's position in the epoch is known exactly only to the training step (Lightning fetches ahead), so the
     position a mid-epoch checkpoint resumes from is kept by the module that trains on the windows (as
-    :class:`~lightning_maxup.models.awd_lstm.AWDLSTMLanguageModel` does, with its carried state) and handed to
+    :class:`~lightning_maxup.recipes.models.awd_lstm.AWDLSTMLanguageModel` does, with its carried state) and handed to
     :meth:`WordLanguageData.resume_at`; this loader's own state is the epoch only.
     """
 

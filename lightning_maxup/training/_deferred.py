@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_maxup.functional import check_finite, raise_if_nonfinite
+from lightning_maxup.core.functional import check_finite, raise_if_nonfinite
 
 __all__ = ["FiniteGuard", "HostCopy", "StepClock"]
 

@@ -1,4 +1,4 @@
-"""How the ``MaxUp`` callback drives the training loader's :class:`~lightning_maxup.multiview.MultiView` (wired once).
+"""How the ``MaxUp`` callback drives the loader's :class:`~lightning_maxup.data.multiview.MultiView` (wired once).
 
 A user writes ``MultiView(dataset, transform, m)``, a plain ``DataLoader(..., shuffle=True, num_workers=...)`` and
 ``Trainer(callbacks=[MaxUp(...)])``. Three things must then hold at the first batch of every epoch, including the
@@ -7,7 +7,7 @@ hook can see the loader:
 
 * **the views' epoch and count**: the epoch in the views' key, one view during the warm-up and ``m`` after it.
   Before a fit's first iterator exists the callback writes them into every training ``MultiView`` alive in the
-  process (:func:`~lightning_maxup.multiview.live_training_multiviews`), at the epoch the fit starts with: 0, or
+  process (:func:`~lightning_maxup.data.multiview.live_training_multiviews`), at the epoch the fit starts with: 0, or
   the one saved in the callback's checkpoint state; from ``on_train_start`` on, into the MultiViews found in the
   training loader.
 * **the order**: a ``shuffle=True`` loader draws its workers' base seed and then its permutation's seed from
@@ -35,8 +35,8 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
-from lightning_maxup.multiview import MultiView, live_training_multiviews
-from lightning_maxup.random import mix_seed
+from lightning_maxup.core.random import mix_seed
+from lightning_maxup.data.multiview import MultiView, live_training_multiviews
 
 __all__ = ["MultiViewWiring", "multiview_datasets"]
 

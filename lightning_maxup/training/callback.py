@@ -13,10 +13,10 @@ from typing_extensions import override
 
 from lightning_maxup._lightning import Callback, rank_zero_info, rank_zero_warn
 from lightning_maxup._validation import non_negative_int, one_of, positive_float
-from lightning_maxup._wiring import MultiViewWiring
-from lightning_maxup.batch import Candidates, slice_rows
-from lightning_maxup.config import MaxUpConfig
-from lightning_maxup.mixin import MaxUpMixin, require_maxup_module
+from lightning_maxup.core.batch import Candidates, slice_rows
+from lightning_maxup.core.config import MaxUpConfig
+from lightning_maxup.training._wiring import MultiViewWiring
+from lightning_maxup.training.mixin import MaxUpMixin, require_maxup_module
 
 if TYPE_CHECKING:
     from lightning_maxup._lightning import pl
@@ -104,11 +104,12 @@ class MaxUp(Callback):
     can never reach a MaxUp step (``max_epochs <= warmup_epochs``, or ``max_steps`` reached before the warm-up
     ends) warns once, naming the cause.
 
-    Wired once with :class:`~lightning_maxup.data.MultiView`: when the training loader holds a ``MultiView`` (copies
+    Wired once with :class:`~lightning_maxup.data.multiview.MultiView`: when the training loader holds a ``MultiView``
+    (copies
     made in the workers), the callback sets its epoch and view count (one view per sample during the warm-up, ``m``
     after it) before every epoch's first batch, resumed fits and persistent workers included, and replays a
     ``shuffle=True`` loader's order on resume; no other callback, ``collate_fn`` or ``set_epoch`` is needed
-    (details: ``lightning_maxup._wiring``).
+    (details: ``lightning_maxup.training._wiring``).
 
     Args:
         warmup_epochs: Epochs of ordinary augmentation (``m = 1``) before MaxUp starts.

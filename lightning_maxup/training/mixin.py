@@ -9,12 +9,10 @@ from typing import Any, Generic, TypeVar, cast, overload
 import torch
 from torch import Tensor, nn
 
-from lightning_maxup._deferred import FiniteGuard, StepClock
-from lightning_maxup._epoch_checks import EpochChecks
 from lightning_maxup._lightning import rank_zero_warn
 from lightning_maxup.augment.image import GaussianNoise
-from lightning_maxup.batch import Candidates, batch_size, slice_rows
-from lightning_maxup.config import (
+from lightning_maxup.core.batch import Candidates, batch_size, expand_copies, slice_rows
+from lightning_maxup.core.config import (
     MaxUpConfig,
     Randomness,
     SelectionDtype,
@@ -22,17 +20,18 @@ from lightning_maxup.config import (
     SelectionMode,
     option_names,
 )
-from lightning_maxup.functional import (
+from lightning_maxup.core.functional import (
     MaxUpOutput,
     augment_rows,
     check_candidates,
     check_per_sample,
-    expand_copies,
     gradient_norm_estimate,
     maxup_step,
     selection_losses,
 )
-from lightning_maxup.random import Generator, KeyedGenerator, mix_seed, resolve_seed
+from lightning_maxup.core.random import Generator, KeyedGenerator, mix_seed, resolve_seed
+from lightning_maxup.training._deferred import FiniteGuard, StepClock
+from lightning_maxup.training._epoch_checks import EpochChecks
 
 __all__ = ["MaxUpMixin", "require_maxup_module"]
 
@@ -75,7 +74,7 @@ class MaxUpMixin:
 
     **The selection pass leaves the model exactly as it was**, whatever its layers: every buffer is restored,
     every parameter checked, every module's ``training`` flag restored through its own ``train()``, and the
-    global random state restored (see :mod:`lightning_maxup._state`). What the copies are scored with:
+    global random state restored (see :mod:`lightning_maxup.core._state`). What the copies are scored with:
 
     - ``selection_mode="eval"`` (default): normalisation layers use running statistics and **dropout is off**,
       so each copy's loss depends on that copy alone, chunking changes nothing and SyncBatchNorm makes no
@@ -213,7 +212,7 @@ class MaxUpMixin:
     def maxup_sample_index(self, batch: Any) -> Tensor:
         """Return the dataset index of every sample of ``batch`` (``LongTensor [B]``), for ``randomness="sample"``.
 
-        Wrap the dataset in :class:`~lightning_maxup.data.IndexedDataset`, which appends each item's index, and
+        Wrap the dataset in :class:`~lightning_maxup.data.datasets.IndexedDataset`, which appends each item's index, and
         return ``batch[-1]``.
 
         Raises:
@@ -222,7 +221,7 @@ class MaxUpMixin:
         raise NotImplementedError(
             f"{type(self).__name__} uses `randomness`='sample' and must implement `maxup_sample_index(batch)`,"
             " returning the dataset index of each sample: wrap the dataset in"
-            " lightning_maxup.data.IndexedDataset and return batch[-1]"
+            " lightning_maxup.data.datasets.IndexedDataset and return batch[-1]"
         )
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -447,7 +446,7 @@ class MaxUpMixin:
         """``per_sample_loss`` with :attr:`maxup_selecting` set, for candidate rows.
 
         How the selection pass, the pre-flight check and the diagnostics
-        (:class:`~lightning_maxup.fidelity.SelectionFidelity`) score candidates.
+        (:class:`~lightning_maxup.evaluation.fidelity.SelectionFidelity`) score candidates.
         """
         self.maxup_selecting = True
         try:

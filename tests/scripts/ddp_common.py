@@ -22,10 +22,10 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import lightning_maxup.functional as maxup_functional
+import lightning_maxup.core.functional as maxup_functional
 from lightning_maxup import MaxUpMixin
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.data import IndexedDataset
+from lightning_maxup.data.datasets import IndexedDataset
 
 # The torch.distributed collectives that user-level code (SyncBatchNorm, metrics, Lightning) can call.
 COLLECTIVES = (

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_maxup import MaxUp, MaxUpConfig, MaxUpMixin
 from lightning_maxup.augment import GaussianNoise
-from lightning_maxup.functional import selection_losses
+from lightning_maxup.core.functional import selection_losses
 
 FEATURES, CLASSES, WIDTH = 4, 3, 8
 #: Rows of each batch, per rank: rank 1's first batch is the short one, so only an agreed count is equal.

@@ -7,7 +7,7 @@ on the hidden-to-hidden weights ("weight drop", Wan et al. 2013), activation reg
 word-embedding dropout, here drawn by :class:`~lightning_maxup.augment.WordEmbeddingDropout` so that MaxUp can pick
 each sequence's worst mask (Gong et al., "MaxUp", CVPR 2021, which used the ADV-AWD-LSTM code of Wang et al. 2019 with
 ``m = 2``). Training is stateful truncated back-propagation through time over the
-:class:`~lightning_maxup.textdata.WordLanguageData` streams, with NT-ASGD: SGD until the validation loss has not
+:class:`~lightning_maxup.recipes.textdata.WordLanguageData` streams, with NT-ASGD: SGD until the validation loss has not
 improved on the best of all but the last ``nonmono`` epochs, then averaged SGD (the iterates are averaged from then
 on, and the average is what validation, testing and the trained model use).
 
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from lightning_maxup._lightning import pl
 from lightning_maxup.augment.text import WordEmbeddingDropout, embedding_scale
-from lightning_maxup.config import MaxUpConfig, option_names
-from lightning_maxup.mixin import MaxUpMixin
+from lightning_maxup.core.config import MaxUpConfig, option_names
+from lightning_maxup.training.mixin import MaxUpMixin
 
 __all__ = ["AWDLSTM", "AWDLSTMLanguageModel", "LockedDropout", "State", "WeightDropLSTM", "nt_asgd_triggers"]
 
@@ -200,7 +200,7 @@ class AWDLSTMLanguageModel(MaxUpMixin, pl.LightningModule):
     """AWD-LSTM trained with MaxUp over word-embedding dropout, stateful truncated BPTT and NT-ASGD.
 
     Batches are ``(inputs, targets)`` windows ``[B, T]`` of ``B`` parallel streams
-    (:class:`~lightning_maxup.textdata.WordLanguageData`); the module adds the carried state and MaxUp adds the
+    (:class:`~lightning_maxup.recipes.textdata.WordLanguageData`); the module adds the carried state and MaxUp adds the
     embedding scale. The per-sample loss is the sequence's mean token cross-entropy plus AR and TAR. The learning
     rate of a window of length ``T`` is ``lr * T / bptt``, as AWD-LSTM scales it. Validation and test log
     ``val/loss``, ``val/ppl``, ``test/loss`` and ``test/ppl`` (token-weighted, with the state carried through the

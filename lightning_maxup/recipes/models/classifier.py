@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_maxup._lightning import pl
-from lightning_maxup.config import MaxUpConfig, option_names
-from lightning_maxup.mixin import MaxUpMixin
+from lightning_maxup.core.config import MaxUpConfig, option_names
+from lightning_maxup.training.mixin import MaxUpMixin
 
 __all__ = ["Classifier", "MaxUpClassifier"]
 
@@ -120,7 +120,7 @@ class MaxUpClassifier(MaxUpMixin, Classifier):
         **options: :class:`~lightning_maxup.MaxUpConfig` fields overriding ``maxup`` (``m=4, augment=...``).
 
     Example:
-        >>> from lightning_maxup.models import SmallCNN
+        >>> from lightning_maxup.recipes.models import SmallCNN
         >>> model = MaxUpClassifier(SmallCNN(1, 10, width=8), num_classes=10, maxup=MaxUpConfig(m=2))
         >>> model(torch.zeros(3, 1, 8, 8)).shape, model.maxup_config.m
         (torch.Size([3, 10]), 2)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_maxup.models.resnet_cifar import input_normalization
+from lightning_maxup.recipes.models.resnet_cifar import input_normalization
 
 __all__ = ["WideResNet"]
 
