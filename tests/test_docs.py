@@ -32,7 +32,18 @@ def package() -> griffe.Module:
     return pkg
 
 
+def _is_legacy(module: griffe.Module) -> bool:
+    """A 0.3 import path kept as a deprecation shim (``lightning_maxup._moved``), with no module of today under it."""
+    from lightning_maxup._moved import MOVED
+
+    if module.path not in MOVED:
+        return False
+    return not any(member.is_module and not _is_legacy(member) for member in module.members.values())  # type: ignore[arg-type]
+
+
 def _public_modules(module: griffe.Module) -> Iterator[griffe.Module]:
+    if _is_legacy(module):
+        return
     yield module
     for name, member in module.members.items():
         if not name.startswith("_") and not member.is_alias and member.is_module:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_maxup
 from lightning_maxup import MaxUp, MaxUpMixin, _lightning
+from lightning_maxup._moved import MOVED
 from lightning_maxup.apps.cli import main
 from lightning_maxup.augment import GaussianNoise
 
@@ -107,6 +108,8 @@ def _library_callback_classes() -> list[type]:
     bases = tuple(module.Callback for module in _lightning.installed().values())
     found = set()
     for info in pkgutil.walk_packages(lightning_maxup.__path__, "lightning_maxup."):
+        if info.name in MOVED:
+            continue  # a 0.3 path: its names warn, and they are found where they live now
         module = importlib.import_module(info.name)
         for _, obj in inspect.getmembers(module, inspect.isclass):
             if obj.__module__ == info.name and issubclass(obj, bases) and obj is not _lightning.Callback:
