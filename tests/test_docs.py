@@ -38,7 +38,8 @@ def _is_legacy(module: griffe.Module) -> bool:
 
     if module.path not in MOVED:
         return False
-    return not any(member.is_module and not _is_legacy(member) for member in module.members.values())  # type: ignore[arg-type]
+    submodules = [member for member in module.members.values() if not member.is_alias and member.is_module]
+    return not any(not _is_legacy(member) for member in submodules)  # type: ignore[arg-type]
 
 
 def _public_modules(module: griffe.Module) -> Iterator[griffe.Module]:
