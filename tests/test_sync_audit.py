@@ -157,7 +157,8 @@ def test_maxup_adds_no_syncing_op_to_a_step_of_a_whole_fit(bar: bool, tmp_path: 
     # The epoch ends: Lightning reads each epoch value once; MaxUp's add one read each, per epoch, not per step.
     ends = [k for k in range(len(without)) if not _steady(k)]
     epoch_reads = [len(with_maxup[k]) - len(without[k]) for k in ends]
-    assert epoch_reads[0] == epoch_reads[1], epoch_reads
+    # The identical-copies check reads its flag once, at the end of the first MaxUp epoch only.
+    assert epoch_reads[0] == epoch_reads[1] + 1, epoch_reads
 
 
 @pytest.mark.slow

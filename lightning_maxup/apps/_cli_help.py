@@ -49,10 +49,12 @@ LIBRARY_CLASSES: tuple[LibraryClass, ...] = tuple(
     LibraryClass(kind, f"{_PACKAGE}.{path}", f"{_PACKAGE}.{module}")
     for kind, path, module in (
         ("model", "recipes.models.MaxUpClassifier", "recipes.models.classifier"),
+        ("model", "recipes.models.AWDLSTMLanguageModel", "recipes.models.awd_lstm"),
         ("model", "certify.SmoothAdvClassifier", "certify.recipes"),
         ("model", "certify.SmoothedCertifier", "certify.recipes"),
         ("data", "recipes.datamodules.DigitsDataModule", "recipes.datamodules"),
         ("data", "recipes.datamodules.ImageNetMultiViewDataModule", "recipes.datamodules"),
+        ("data", "recipes.textdata.WordLanguageData", "recipes.textdata"),
         ("data", "data.datasets.CIFARDataModule", "data.datasets"),
         ("data", "data.datasets.ImageNetDataModule", "data.datasets"),
         ("callback", "MaxUp", "training.callback"),

@@ -103,7 +103,7 @@ def _import_library(namespace: Any) -> None:
         importlib.import_module(module)
 
 
-def _lightning_cli_class(namespace: Any) -> type:
+def _lightning_cli_class(namespace: Any, link_vocab: bool = False) -> type:
     lightning_cli: Any = importlib.import_module(f"{namespace.__name__}.cli").LightningCLI  # of either namespace
 
     class _CLI(lightning_cli):
@@ -127,7 +127,8 @@ def _lightning_cli_class(namespace: Any) -> type:
                 print(_fit_summary(self.trainer))
 
         def add_arguments_to_parser(self, parser: Any) -> None:
-            _link_vocab_size(parser)
+            if link_vocab:
+                _link_vocab_size(parser)
 
     return _CLI
 
@@ -141,6 +142,28 @@ def _link_vocab_size(parser: Any) -> None:
     leaves every other configuration as it is.
     """
     parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=_vocab_size_of, apply_on="instantiate")
+
+
+def _mentions_vocab_size(argv: list[str]) -> bool:
+    """Whether the command line or a ``--config`` file it names mentions ``vocab_size`` (a language model's run).
+
+    The vocabulary link is added only then: jsonargparse refuses a link target inside some other models' nested
+    signatures (the ImageNet recipes' ``backbone``), so the link must not touch configurations that have no use for it.
+
+    Example:
+        >>> _mentions_vocab_size(["fit", "--model.vocab_size=10"]), _mentions_vocab_size(["fit"])
+        (True, False)
+    """
+    for i, arg in enumerate(argv):
+        if "vocab_size" in arg or "WordLanguageData" in arg or "AWDLSTM" in arg:
+            return True
+        path = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        if path is not None and Path(path).is_file():
+            text = Path(path).read_text(errors="replace")
+            if "vocab_size" in text or "WordLanguageData" in text or "AWDLSTM" in text:
+                return True
+    return False
 
 
 def _vocab_size_of(data: Any) -> int | None:
@@ -158,7 +181,7 @@ def cli_main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     pl = cli_namespace(args)  # `pytorch_lightning` or `lightning.pytorch`: that of the config's own classes
     _import_library(pl)
-    _lightning_cli_class(pl)(
+    _lightning_cli_class(pl, link_vocab=_mentions_vocab_size(args))(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,

@@ -30,6 +30,7 @@ class EpochChecks:
         self._identical: Tensor | None = None  # all copies equal in every MaxUp step of the watched epoch
         self._m = 0
         self._watching = True  # only the first epoch with MaxUp steps is watched
+        self._dirty = False  # steps recorded since the last read
 
     def step(self, epoch: int, candidate_losses: Tensor, augment: Any, warn: Any) -> None:
         """Record one step (``candidate_losses`` ``[m, B]``); at an epoch change, read the previous epoch's flags.
@@ -37,8 +38,9 @@ class EpochChecks:
         Steps without an ``augment`` are not watched: the mixin warns about those at once.
         """
         if self._epoch is not None and epoch != self._epoch:
-            self.close(augment, warn)
+            self.close(augment, warn)  # reads only if the epoch's last step did not (a fit stopped mid-epoch)
         self._epoch = epoch
+        self._dirty = True
         m = int(candidate_losses.shape[0])
         if m > 1 and self._watching and augment is not None:  # no augmentation has its own warning
             same = (candidate_losses.amax(dim=0) == candidate_losses.amin(dim=0)).all()
@@ -46,7 +48,10 @@ class EpochChecks:
             self._m = m
 
     def close(self, augment: Any, warn: Any) -> None:
-        """Read what the ended epoch accumulated (one host read each) and reset."""
+        """Read what the ended epoch accumulated (one host read each) and reset; nothing to read, no read."""
+        if not self._dirty:
+            return
+        self._dirty = False
         identical, self._identical = self._identical, None
         if identical is not None:
             self._watching = False

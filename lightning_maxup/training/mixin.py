@@ -428,6 +428,8 @@ class MaxUpMixin:
             if self._maxup_finite.pending and _last_step_of_run(self._maxup_trainer()):
                 self._maxup_finite.flush()
         self._maxup_epoch_checks.step(self._maxup_epoch(), out.candidate_losses.detach(), *self._maxup_check_args())
+        if _last_step_of_run(self._maxup_trainer()):  # read at the epoch's end, not in the next epoch's first step
+            self._maxup_epoch_checks.close(*self._maxup_check_args())
         self._maxup_clock.selection_done(out.selection_seconds)
         self._maxup_log(out, share)
         self.maxup_last_output = out if self.maxup_record else None
