@@ -124,11 +124,16 @@ def summary(entry: LibraryClass) -> str:
     return _plain(" ".join(docstring.split("\n\n")[0].split()))
 
 
+# The base class and the protocol the diagnostics read: not augmentations to pick on the command line.
+_NOT_AUGMENTATIONS = ("Augmentation", "DescribedAugmentation")
+
+
 def _augmentations() -> list[str]:
     tree = ast.parse((_ROOT / "augment" / "__init__.py").read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
-            return [name for name in ast.literal_eval(node.value) if name[0].isupper() and name != "Augmentation"]
+            names = ast.literal_eval(node.value)
+            return [name for name in names if name[0].isupper() and name not in _NOT_AUGMENTATIONS]
     return []
 
 

@@ -6,7 +6,7 @@ independent set of parameters per row from a ``torch.Generator`` (or a
 """
 
 from lightning_maxup._serialization import allow_in_checkpoints
-from lightning_maxup.augment._base import Augmentation, Compose
+from lightning_maxup.augment._base import Augmentation, Compose, DescribedAugmentation
 from lightning_maxup.augment.adapters import KorniaAdapter, TorchvisionAdapter
 from lightning_maxup.augment.image import (
     CutMix,
@@ -38,6 +38,7 @@ allow_in_checkpoints(
 __all__ = [
     "Augmentation",
     "Compose",
+    "DescribedAugmentation",
     "CutMix",
     "Cutout",
     "GaussianNoise",

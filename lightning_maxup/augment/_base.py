@@ -4,18 +4,35 @@ MaxUp applies an augmentation to the batch already expanded to ``m * B`` rows. A
 ``augment(batch, generator=...) -> batch`` qualifies. The built-ins subclass :class:`Augmentation`, which splits
 the call into :meth:`~Augmentation.sample` (all randomness, one value per row) and :meth:`~Augmentation.apply`
 (deterministic), so a test can fix the draw and a draw can be replayed (as kornia's ``forward(x, params=...)``).
+
+An augmentation also describes what it drew, for the diagnostics: :meth:`~Augmentation.describe` turns its
+parameters into named per-row numbers (the :class:`~lightning_maxup.callbacks.SelectionMonitor` draws their
+histograms), and :attr:`~Augmentation.input_noise_std` says whether it is pure Gaussian input noise of a fixed
+standard deviation (what Theorem 1's ``grad_norm`` estimate needs). The diagnostics read these two and never the
+class, so an augmentation a user writes is described as the built-ins are.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
 
 from lightning_maxup.core.batch import batch_size, replace_inputs, split_inputs
 from lightning_maxup.core.random import Generator
 
-__all__ = ["Augmentation", "Compose", "Params", "num_rows", "replace_inputs", "split_inputs"]
+__all__ = [
+    "Augmentation",
+    "Compose",
+    "DescribedAugmentation",
+    "Params",
+    "num_rows",
+    "per_row_columns",
+    "replace_inputs",
+    "split_inputs",
+]
 
 Params = dict[str, Any]
 
@@ -23,6 +40,43 @@ Params = dict[str, Any]
 def num_rows(batch: Any) -> int:
     """Number of rows (samples) in a batch."""
     return batch_size(batch)
+
+
+def per_row_columns(name: str, values: Tensor, suffixes: Sequence[str]) -> dict[str, Tensor]:
+    """Name the columns of a ``[rows]`` or ``[rows, k]`` parameter: ``name`` alone, or ``name_<suffix>`` each.
+
+    Example:
+        >>> import torch
+        >>> sorted(per_row_columns("scale", torch.ones(4, 3), "xyz"))
+        ['scale_x', 'scale_y', 'scale_z']
+        >>> list(per_row_columns("angle", torch.ones(4), "xyz"))
+        ['angle']
+    """
+    if values.dim() == 1 or values.shape[1] == 1:
+        return {name: values.reshape(-1)}
+    return {f"{name}_{suffixes[j]}": values[:, j] for j in range(values.shape[1])}
+
+
+@runtime_checkable
+class DescribedAugmentation(Protocol):
+    """What the diagnostics need of an augmentation to record and describe its draws (duck-typed).
+
+    :class:`Augmentation` satisfies it; an object of any other class does too if it has these three methods and
+    calling it means ``apply(batch, sample(batch, generator))``. ``describe`` returns, for parameters drawn for
+    ``N`` rows, named 1-D tensors of ``N`` numbers; it is called only on the steps a monitor records.
+    """
+
+    def sample(self, batch: Any, generator: Generator | None = None) -> Params:
+        """Draw the parameters for every row of ``batch``."""
+        ...
+
+    def apply(self, batch: Any, params: Params) -> Any:
+        """Apply drawn ``params`` to ``batch``."""
+        ...
+
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Name one number per row for what ``params`` drew."""
+        ...
 
 
 class Augmentation(ABC):
@@ -48,6 +102,34 @@ class Augmentation(ABC):
     @abstractmethod
     def apply(self, batch: Any, params: Params) -> Any:
         """Apply the drawn ``params`` to ``batch``; returns a new batch and never modifies ``batch`` in place."""
+
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """One number per row for each readable drawn parameter, by name (read by the diagnostics).
+
+        The default reads the parameters themselves: each 1-D tensor, and each column of a 2-D tensor of at most
+        four columns (``name_0``, ``name_1``, ...). Override it to say what was drawn in the augmentation's own
+        terms (a box centre, the norm of the noise); return ``{}`` when nothing drawn is worth a histogram.
+
+        Args:
+            params: What :meth:`sample` returned for ``N`` rows.
+
+        Returns:
+            ``{name: Tensor of shape [N]}``, on the parameters' device.
+        """
+        out: dict[str, Tensor] = {}
+        for key, value in params.items():
+            if isinstance(value, Tensor) and value.dim() in (1, 2) and (value.dim() == 1 or value.shape[1] <= 4):
+                out.update(per_row_columns(key, value, [str(j) for j in range(value.shape[-1])]))
+        return out
+
+    @property
+    def input_noise_std(self) -> float | None:
+        """``σ`` if this augmentation is exactly ``x + σ z`` with ``z`` standard normal per input entry, else None.
+
+        Theorem 1 of the MaxUp paper relates the selection gap of such noise to ``σ ‖∇ₓL‖``; the mixin logs
+        ``maxup/grad_norm`` when the augmentation gives a ``σ`` here.
+        """
+        return None
 
     def __call__(self, batch: Any, *, generator: Generator | None = None, params: Params | None = None) -> Any:
         if not getattr(self, "_checked", False):

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_maxup.augment._base import Augmentation, Params, replace_inputs, split_inputs
 from lightning_maxup.core import random as lr
@@ -126,6 +127,11 @@ class TorchvisionAdapter(Augmentation):
         x, _ = split_inputs(batch)
         return {"seeds": _draw_seeds(int(x.shape[0]), generator)}
 
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Nothing: the draws are seeds of the wrapped library's generator, with no meaning of their own."""
+        return {}
+
     def apply(self, batch: Any, params: Params) -> Any:
         """Transform each row under the global RNG seeded with its seed."""
         x, _ = split_inputs(batch)
@@ -200,6 +206,11 @@ class KorniaAdapter(Augmentation):
         x, _ = split_inputs(batch)
         per_row = isinstance(generator, KeyedGenerator) if self.per_row is None else self.per_row
         return {"seeds": _draw_seeds(int(x.shape[0]), generator), "per_row": per_row}
+
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Nothing: the draws are seeds of the wrapped library's generator, with no meaning of their own."""
+        return {}
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Run kornia under the seeded global RNG, per row or batched as ``params["per_row"]`` says."""

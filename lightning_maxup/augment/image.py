@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_maxup.augment._base import Augmentation, Params, replace_inputs, split_inputs
 from lightning_maxup.core import random as lr
@@ -134,6 +135,17 @@ class GaussianNoise(Augmentation):
         _check_floating(x, "GaussianNoise")
         return {"noise": lr.normal(tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)}
 
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """The norm of the noise added to each row, ``sigma * ||noise||`` (``noise_norm``)."""
+        return {"noise_norm": self.sigma * params["noise"].flatten(1).double().norm(dim=1)}
+
+    @property
+    @override
+    def input_noise_std(self) -> float | None:
+        """``sigma``: this is the pure Gaussian input noise of Theorem 1."""
+        return self.sigma
+
     def apply(self, batch: Any, params: Params) -> Any:
         """Add ``sigma * noise`` to the inputs."""
         x, _ = split_inputs(batch)
@@ -177,6 +189,11 @@ class Cutout(Augmentation):
             (cx - half).clamp(0, w), (cx - half + self.size).clamp(0, w),
             h, w,
         )  # fmt: skip
+
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Each row's box centre (``centre_y``, ``centre_x``)."""
+        return {"centre_y": params["cy"], "centre_x": params["cx"]}
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Fill each row's square."""
@@ -258,6 +275,11 @@ class CutMix(_Mixing):
         left, right = (cx - cut_w // 2).clamp(0, w), (cx + cut_w // 2).clamp(0, w)
         return top, bottom, left, right
 
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Each row's drawn weight ``lam`` and box centre (``centre_y``, ``centre_x``)."""
+        return {"lam": params["lam"], "centre_y": params["cy"], "centre_x": params["cx"]}
+
     def apply(self, batch: Any, params: Params) -> Any:
         """Paste the boxes and mix the labels by pasted area."""
         x, _ = split_inputs(batch)
@@ -289,6 +311,11 @@ class Mixup(_Mixing):
         """Draw each row's weight and partner."""
         x, _ = split_inputs(batch)
         return self._draw(x, generator)
+
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Each row's drawn weight ``lam``."""
+        return {"lam": params["lam"]}
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Blend inputs and labels."""
@@ -350,6 +377,11 @@ class RandomCrop(Augmentation):
         offset = lr.randint(0, high, (x.shape[0], 2), generator=generator, device=x.device)
         return {"top": offset[:, 0], "left": offset[:, 1]}
 
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Each row's crop offset into the padded image (``offset_y``, ``offset_x``)."""
+        return {"offset_y": params["top"], "offset_x": params["left"]}
+
     def apply(self, batch: Any, params: Params) -> Any:
         """Crop each row at its offset with one gather."""
         x, _ = split_inputs(batch)
@@ -386,6 +418,11 @@ class RandomHorizontalFlip(Augmentation):
         """Draw which rows flip."""
         x, _ = split_inputs(batch)
         return {"flip": lr.uniform((x.shape[0],), generator=generator, device=x.device) < self.p}
+
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Whether each row was flipped (``flip``, 0 or 1)."""
+        return {"flip": params["flip"]}
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Flip the chosen rows."""

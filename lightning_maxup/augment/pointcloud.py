@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_maxup.augment._base import Augmentation, Params, replace_inputs, split_inputs
+from lightning_maxup.augment._base import Augmentation, Params, per_row_columns, replace_inputs, split_inputs
 from lightning_maxup.core import random as lr
 from lightning_maxup.core.random import Generator
 from lightning_maxup.core.views import PointSubset, check_points, farthest_point_sample
@@ -74,6 +75,13 @@ class PointJitter(Augmentation):
         check_points(x, "PointJitter")
         return {"noise": lr.normal(tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)}
 
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """The norm of the clipped offset added to each cloud (``noise_norm``)."""
+        return {
+            "noise_norm": (self.sigma * params["noise"]).clamp(-self.clip, self.clip).flatten(1).double().norm(dim=1)
+        }
+
     def apply(self, batch: Any, params: Params) -> Any:
         """Add the clipped, scaled noise."""
         x, _ = split_inputs(batch)
@@ -114,6 +122,14 @@ class PointGaussianNoise(Augmentation):
         noise = lr.normal(tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)
         return {"sigma": self.min_sigma + (self.sigma - self.min_sigma) * u, "noise": noise}
 
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Each cloud's drawn ``sigma`` and the norm of the noise added to it (``noise_norm``)."""
+        return {
+            "sigma": params["sigma"],
+            "noise_norm": params["sigma"].double() * params["noise"].flatten(1).double().norm(dim=1),
+        }
+
     def apply(self, batch: Any, params: Params) -> Any:
         """Add ``sigma[i] * noise[i]`` to cloud ``i``."""
         x, _ = split_inputs(batch)
@@ -149,6 +165,11 @@ class RandomPointScale(Augmentation):
         check_points(x, "RandomPointScale")
         u = lr.uniform((x.shape[0], 3 if self.anisotropic else 1), generator=generator, device=x.device, dtype=x.dtype)
         return {"scale": self.low + (self.high - self.low) * u}
+
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Each cloud's scale (``scale``, or ``scale_x``, ``scale_y``, ``scale_z`` when anisotropic)."""
+        return per_row_columns("scale", params["scale"], "xyz")
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Multiply each cloud's coordinates by its factor(s)."""
@@ -209,6 +230,11 @@ class RandomPointRotation(Augmentation):
         check_points(x, "RandomPointRotation")
         u = lr.uniform((x.shape[0],), generator=generator, device=x.device, dtype=torch.float64)
         return {"angle": (2.0 * u - 1.0) * self.max_angle}
+
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Each cloud's rotation angle (``angle``)."""
+        return {"angle": params["angle"]}
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Rotate every cloud by its angle with one batched matrix product."""

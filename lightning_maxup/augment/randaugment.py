@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_maxup._validation import non_negative_int, one_of
 from lightning_maxup.augment._base import Augmentation, Params, replace_inputs, split_inputs
@@ -372,6 +373,16 @@ class RandAugment(Augmentation):
         negative = lr.uniform(shape, generator=generator, device=device) < 0.5
         sign = 1 - 2 * negative.to(torch.int64)
         return {"op": op, "magnitude": magnitude, "sign": sign}
+
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Each slot's op index into :data:`OPS` (``op_<slot>``) and, with ``random_magnitude``, its magnitude."""
+        out: dict[str, Tensor] = {}
+        for s in range(params["op"].shape[1]):
+            out[f"op_{s}"] = params["op"][:, s]
+            if self.random_magnitude:
+                out[f"magnitude_{s}"] = params["magnitude"][:, s]
+        return out
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Apply each row's ops in order; returns a new batch with a new ``x`` in the input's memory format."""

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_maxup.augment._base import Augmentation, Params
 from lightning_maxup.core import random as lr
@@ -290,6 +291,11 @@ class WordEmbeddingDropout(Augmentation):
         if self.pad_id is not None:
             scale = torch.where(ids == self.pad_id, 1.0, scale)
         return scale
+
+    @override
+    def describe(self, params: Params) -> dict[str, Tensor]:
+        """Each row's kept share of the vocabulary (``kept_fraction``, see :meth:`kept_fraction`)."""
+        return {"kept_fraction": self.kept_fraction(params)}
 
     def apply(self, batch: Any, params: Params) -> Any:
         """Return the batch with the per-token scale added under a name (see the class docstring)."""

@@ -6,9 +6,10 @@ noise, the most mixed CutMix. On a logging step this callback logs
 
 - a grid of ``num_samples`` samples (rows) by their ``m`` candidates (columns), the selected copy framed, each
   with its selection-pass loss (image data only);
-- for each parameter the built-in augmentations drew, its distribution over the selected copies next to its
-  distribution over all ``m * B`` drawn copies (Cutout box centre, crop offset, flip, CutMix/Mixup λ, noise
-  norm, point-cloud angle and scale, RandAugment ops and magnitudes);
+- for each number an augmentation's :meth:`~lightning_maxup.augment.Augmentation.describe` gives of its draw,
+  its distribution over the selected copies next to its distribution over all ``m * B`` drawn copies (Cutout box
+  centre, crop offset, flip, CutMix/Mixup λ, noise norm, point-cloud angle and scale, RandAugment ops and
+  magnitudes, and whatever a user's own augmentation describes);
 - the gap ``worst - mean`` of the selection losses over training, which with Gaussian noise estimates
   Theorem 1's penalty (TensorBoard and the others plot the mixin's ``maxup/gap`` scalar; the PNG fallback draws
   it).
@@ -16,7 +17,8 @@ noise, the most mixed CutMix. On a logging step this callback logs
 The drawn parameters are recorded as the augmentation draws them, not re-drawn: on a logging step the module's
 augmentation is wrapped in :class:`RecordingAugment`, which makes exactly the calls the augmentation makes
 itself (``sample`` then ``apply``), so training is bit-identical with and without the monitor. Other steps
-cost one integer comparison.
+cost one integer comparison. The monitor knows no augmentation by its class: it asks each one to describe its
+draw.
 
 The pure parts (:func:`candidate_grid`, :func:`drawn_features`, :func:`selection_stats` and the ``render_*``
 functions) import no Lightning.
@@ -39,24 +41,7 @@ from typing_extensions import override
 
 from lightning_maxup._lightning import Callback
 from lightning_maxup._validation import positive_int
-from lightning_maxup.augment import (
-    Augmentation,
-    Compose,
-    CutMix,
-    Cutout,
-    GaussianNoise,
-    KorniaAdapter,
-    Mixup,
-    PointGaussianNoise,
-    PointJitter,
-    RandomCrop,
-    RandomHorizontalFlip,
-    RandomPointRotation,
-    RandomPointScale,
-    TorchvisionAdapter,
-    WordEmbeddingDropout,
-)
-from lightning_maxup.augment.randaugment import RandAugment
+from lightning_maxup.augment import Augmentation, Compose, DescribedAugmentation
 from lightning_maxup.core.batch import first_floating
 from lightning_maxup.core.functional import MaxUpOutput
 from lightning_maxup.training.mixin import MaxUpMixin, require_maxup_module
@@ -90,25 +75,28 @@ _BACKGROUND = 255
 
 @dataclass
 class Drawn:
-    """The parameters one built-in augmentation drew in one call.
+    """The parameters one augmentation drew in one call.
 
     Attributes:
-        augmentation: The augmentation that drew them.
+        augmentation: The augmentation that drew them (a
+            :class:`~lightning_maxup.augment.DescribedAugmentation`).
         params: What its ``sample`` returned (one value per row of the expanded batch).
     """
 
-    augmentation: Augmentation
+    augmentation: DescribedAugmentation
     params: dict[str, Any]
 
 
 class RecordingAugment:
-    """Wrap an augmentation so that each call keeps the parameters its built-in steps drew.
+    """Wrap an augmentation so that each call keeps the parameters its steps drew.
 
-    A built-in :class:`~lightning_maxup.augment.Augmentation` is called as ``apply(batch, sample(batch,
-    generator))``, exactly what its own ``__call__`` does, and a :class:`~lightning_maxup.augment.Compose` calls
-    its steps in turn as its own ``__call__`` does, so the random draws, their order and the output are those of
-    the wrapped augmentation. Any other callable (or a subclass that overrides ``__call__``) is called as it is
-    and records nothing.
+    An :class:`~lightning_maxup.augment.Augmentation` (built-in or a user's subclass) is called as
+    ``apply(batch, sample(batch, generator))``, exactly what its own ``__call__`` does, and a
+    :class:`~lightning_maxup.augment.Compose` calls its steps in turn as its own ``__call__`` does, so the random
+    draws, their order and the output are those of the wrapped augmentation. An object of another class that has
+    ``sample``, ``apply`` and ``describe`` (a :class:`~lightning_maxup.augment.DescribedAugmentation`) is called
+    the same way, which its calling convention promises. Any other callable (or an ``Augmentation`` subclass that
+    overrides ``__call__``) is called as it is and records nothing.
 
     Args:
         augment: The augmentation to wrap, ``augment(batch, generator=...) -> batch``.
@@ -149,7 +137,11 @@ def _run(augment: Any, batch: Any, generator: Any, record: list[Drawn]) -> Any:
         for step in augment.augmentations:
             batch = _run(step, batch, generator, record)
         return batch
-    if isinstance(augment, Augmentation) and type(augment).__call__ is Augmentation.__call__:
+    if isinstance(augment, Augmentation):
+        separable = type(augment).__call__ is Augmentation.__call__
+    else:
+        separable = isinstance(augment, DescribedAugmentation)
+    if separable:
         params = augment.sample(batch, generator)
         record.append(Drawn(augment, params))
         return augment.apply(batch, params)
@@ -157,66 +149,35 @@ def _run(augment: Any, batch: Any, generator: Any, record: list[Drawn]) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# From drawn parameters to one number per row
+# From drawn parameters to one number per row: each augmentation describes its own draw
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _norms(t: Tensor) -> Tensor:
-    return t.flatten(1).double().norm(dim=1)
-
-
-def _columns(name: str, t: Tensor, suffixes: Sequence[str]) -> dict[str, Tensor]:
-    if t.dim() == 1 or t.shape[1] == 1:
-        return {name: t.reshape(-1)}
-    return {f"{name}_{suffixes[j]}": t[:, j] for j in range(t.shape[1])}
-
-
-def _randaugment(a: RandAugment, p: dict[str, Any]) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for s in range(p["op"].shape[1]):
-        out[f"op_{s}"] = p["op"][:, s]
-        if a.random_magnitude:
-            out[f"magnitude_{s}"] = p["magnitude"][:, s]
-    return out
-
-
-_FEATURES: dict[type, Callable[[Any, dict[str, Any]], dict[str, Tensor]]] = {
-    Cutout: lambda a, p: {"centre_y": p["cy"], "centre_x": p["cx"]},
-    CutMix: lambda a, p: {"lam": p["lam"], "centre_y": p["cy"], "centre_x": p["cx"]},
-    Mixup: lambda a, p: {"lam": p["lam"]},
-    RandomCrop: lambda a, p: {"offset_y": p["top"], "offset_x": p["left"]},
-    RandomHorizontalFlip: lambda a, p: {"flip": p["flip"]},
-    GaussianNoise: lambda a, p: {"noise_norm": a.sigma * _norms(p["noise"])},
-    PointGaussianNoise: lambda a, p: {"sigma": p["sigma"], "noise_norm": p["sigma"].double() * _norms(p["noise"])},
-    PointJitter: lambda a, p: {"noise_norm": _norms((a.sigma * p["noise"]).clamp(-a.clip, a.clip))},
-    RandomPointRotation: lambda a, p: {"angle": p["angle"]},
-    RandomPointScale: lambda a, p: _columns("scale", p["scale"], "xyz"),
-    WordEmbeddingDropout: lambda a, p: {"kept_fraction": a.kept_fraction(p)},
-    RandAugment: _randaugment,
-    # Their draws are seeds of a third-party library's generator: nothing to read in them.
-    TorchvisionAdapter: lambda a, p: {},
-    KorniaAdapter: lambda a, p: {},
-}
-
-
-def _generic(params: dict[str, Any]) -> dict[str, Tensor]:
-    """Per-row scalars of an unknown augmentation: its 1-D parameters and the columns of narrow 2-D ones."""
-    out: dict[str, Tensor] = {}
-    for key, value in params.items():
-        if isinstance(value, Tensor) and value.dim() in (1, 2) and (value.dim() == 1 or value.shape[1] <= 4):
-            out.update(_columns(key, value, [str(j) for j in range(value.shape[-1])]))
-    return out
+def _described(d: Drawn) -> dict[str, Tensor]:
+    values = d.augmentation.describe(d.params)
+    for name, v in values.items():
+        if not isinstance(v, Tensor) or v.dim() != 1:
+            got = f"shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(
+                f"Expected `{type(d.augmentation).__name__}.describe` to give one number per row for `{name}` "
+                f"(a 1-D tensor), got {got}"
+            )
+    return values
 
 
 def drawn_features(drawn: Sequence[Drawn]) -> dict[str, Tensor]:
-    """One float64 CPU value per row for every readable parameter drawn, named ``"<Augmentation>/<parameter>"``.
+    """One float64 CPU value per row for every number each augmentation's ``describe`` gives of its draw.
 
-    Cutout and CutMix give their box centre, RandomCrop its offset, RandomHorizontalFlip 0/1, CutMix and Mixup
-    their drawn λ, the noises the norm of the noise they add, the point-cloud augmentations their angle and
-    scale, RandAugment each slot's op index (into ``randaugment.OPS``) and, with ``random_magnitude``, its
-    magnitude; an augmentation drawn twice gets ``#2`` appended.
+    Named ``"<Augmentation class>/<name>"``; an augmentation class drawn twice gets ``#2`` appended. The
+    built-ins describe themselves (Cutout and CutMix their box centre, RandomCrop its offset,
+    RandomHorizontalFlip 0/1, CutMix and Mixup their λ, the noises the norm of the noise they add, ...); see
+    :meth:`lightning_maxup.augment.Augmentation.describe`.
+
+    Raises:
+        ValueError: If a ``describe`` gives anything other than 1-D tensors.
 
     Example:
+        >>> from lightning_maxup.augment import Cutout
         >>> cut = Cutout(size=2)
         >>> feats = drawn_features([Drawn(cut, cut.sample(torch.zeros(5, 1, 8, 8), torch.Generator()))])
         >>> sorted(feats), feats["Cutout/centre_x"].shape
@@ -224,8 +185,7 @@ def drawn_features(drawn: Sequence[Drawn]) -> dict[str, Tensor]:
     """
     out: dict[str, Tensor] = {}
     for d in drawn:
-        extract = next((_FEATURES[c] for c in type(d.augmentation).__mro__ if c in _FEATURES), None)
-        values = extract(d.augmentation, d.params) if extract is not None else _generic(d.params)
+        values = _described(d)
         prefix = type(d.augmentation).__name__
         k = 1
         while any(name.startswith(f"{prefix}/") for name in out) and k < 100:
@@ -616,7 +576,8 @@ class SelectionMonitor(Callback):
     - ``maxup_monitor/candidates``: ``num_samples`` samples (rows) by their ``m`` copies, the selected (worst)
       copy framed in red, every copy's selection-pass loss under it. Only for image batches (a 4-D float
       input); point clouds and tokens get the parameters alone;
-    - ``maxup_monitor/params``: for every parameter the built-in augmentations drew, its distribution over the
+    - ``maxup_monitor/params``: for every number the augmentations describe of their draws (their
+      :meth:`~lightning_maxup.augment.Augmentation.describe`), its distribution over the
       ``B`` selected copies against all ``m * B`` draws; with TensorBoard (or W&B) also as native histograms
       ``maxup_monitor/<Augmentation>/<parameter>/all`` and ``.../selected``;
     - ``maxup_monitor/gap`` (PNG fallback only): the selection gap ``worst - mean`` at every logging step so

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_maxup._lightning import rank_zero_warn
-from lightning_maxup.augment.image import GaussianNoise
 from lightning_maxup.core.batch import Candidates, batch_size, expand_copies, slice_rows
 from lightning_maxup.core.config import (
     MaxUpConfig,
@@ -541,8 +540,9 @@ class MaxUpMixin:
         self._maxup_log_value("gap", out.gap, b)
         augment = self.maxup_config.augment
         augment = getattr(augment, "__wrapped__", augment)  # a monitor may wrap it on the steps it records
-        if isinstance(augment, GaussianNoise):
-            self._maxup_log_value("grad_norm", gradient_norm_estimate(out.candidate_losses, augment.sigma), b)
+        sigma = getattr(augment, "input_noise_std", None)  # Theorem 1 holds for pure Gaussian input noise only
+        if sigma is not None:
+            self._maxup_log_value("grad_norm", gradient_norm_estimate(out.candidate_losses, float(sigma)), b)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Return the MaxUp loss of ``batch`` (the mean of the per-sample worst-copy losses)."""
