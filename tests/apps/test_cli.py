@@ -29,7 +29,7 @@ CONFIG = textwrap.dedent(
       callbacks:
         - class_path: lightning_maxup.MaxUp
           init_args: {warmup_epochs: 1, m: 3, selection_size: 4}
-        - class_path: tests.test_cli.RecordM
+        - class_path: tests.apps.test_cli.RecordM
     model:
       class_path: lightning_maxup.recipes.models.MaxUpClassifier
       init_args:
@@ -84,7 +84,7 @@ def test_unknown_command(capsys):
 @pytest.mark.filterwarnings("ignore:(?s).*Instantiating a subclass spec given as value for a type that accepts any")
 def test_fit_from_yaml_sets_m_augmentation_warmup_and_selection_size(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG)
     RECORDED.clear()
@@ -189,7 +189,7 @@ def test_help_is_plain_text(argv: list[str], capsys: pytest.CaptureFixture[str])
 
 
 def test_fit_refuses_a_truncated_checkpoint_in_one_line(tmp_path, capsys):
-    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "digits.yaml"
+    config = Path(__file__).resolve().parents[2] / "examples" / "configs" / "digits.yaml"
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, good)
     truncated = tmp_path / "truncated.ckpt"

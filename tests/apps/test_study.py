@@ -116,7 +116,7 @@ class GlobalShuffleDigits(DigitsDataModule):
 
 GLOBAL_SHUFFLE = CONFIG.replace(  # a DataModule without a `seed` argument
     "lightning_maxup.recipes.datamodules.DigitsDataModule\n  init_args: {batch_size: 128, seed: 0}",
-    "tests.test_study.GlobalShuffleDigits\n  init_args: {batch_size: 128}",
+    "tests.apps.test_study.GlobalShuffleDigits\n  init_args: {batch_size: 128}",
 )
 
 

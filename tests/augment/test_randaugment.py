@@ -427,7 +427,7 @@ def test_params_and_fill_must_fit_the_batch() -> None:
 
 def test_benchmark_quick_run_prints_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
     # Smoke test of benchmarks/randaugment.py; nothing is timed here.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     threads = torch.get_num_threads()
     try:
         text = importlib.import_module("randaugment").main(["--quick"])

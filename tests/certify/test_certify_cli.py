@@ -384,8 +384,8 @@ def test_killed_certify_leaves_a_prefix_and_resumes_to_the_uninterrupted_file(
     partial = out.with_name("cert.tsv.partial")
     argv = [*_argv(config, ckpt, out), "--inputs-per-batch", "1"]
     # The script pauses 50 ms per batch (one input here), so the kill lands mid-run however fast the machine is.
-    script = Path(__file__).parent / "scripts" / "certify_slowly.py"
-    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]  # this checkout first
+    script = Path(__file__).resolve().parents[1] / "scripts" / "certify_slowly.py"
+    paths = [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]  # this checkout first
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     proc = subprocess.Popen([sys.executable, str(script), *argv], stderr=subprocess.PIPE, env=env)
     try:

@@ -22,7 +22,7 @@ from lightning_maxup.certify import (
 from lightning_maxup.certify.cli import build_from_config
 from lightning_maxup.recipes.models import MaxUpClassifier, SmallCNN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("certify_*.yaml"))
 
 

@@ -17,7 +17,7 @@ from lightning_maxup.certify.table import (
     write_certification,
 )
 
-COHEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cohen2019-cifar10"
+COHEN = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cohen2019-cifar10"
 SIGMAS = ("0.12", "0.25", "0.50", "1.00")
 
 

@@ -26,7 +26,7 @@ from lightning_maxup.core.config import MaxUpConfig, option_names
 from lightning_maxup.core.views import Downsample, PointSubset
 from lightning_maxup.recipes.models import MaxUpClassifier
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from lightning_maxup.augment import GaussianNoise
 from lightning_maxup.core.functional import maxup_step
 from lightning_maxup.core.random import mix_seed
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "manual_optimization.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "manual_optimization.py"
 spec = importlib.util.spec_from_file_location("manual_optimization_example", EXAMPLE)
 assert spec is not None
 assert spec.loader is not None

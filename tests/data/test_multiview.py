@@ -32,10 +32,10 @@ from lightning_maxup.core.random import mix_seed
 from lightning_maxup.data.multiview import MultiView, multiview_collate
 from lightning_maxup.training.schedule import MultiViewSchedule, training_epoch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N, SIDE, M = 24, 8, 4
 # These tests pin down the explicit wiring of 0.3 (collate_fn, MultiViewSchedule, set_epoch), which keeps working;
-# tests/test_wired_once.py covers the MaxUp callback alone and the deprecation itself.
+# tests/data/test_wired_once.py covers the MaxUp callback alone and the deprecation itself.
 pytestmark = pytest.mark.filterwarnings("ignore:MultiViewSchedule is deprecated:DeprecationWarning")
 
 
@@ -567,7 +567,7 @@ class LitMaxUpRecord(LitMaxUp):
 
 
 # The 2-rank ddp_spawn test runs the wired-once setup:
-# tests/test_wired_once.py::test_maxup_callback_alone_on_two_ddp_spawn_ranks
+# tests/data/test_wired_once.py::test_maxup_callback_alone_on_two_ddp_spawn_ranks
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from lightning_maxup import MaxUp
 from lightning_maxup.core.batch import Candidates
 from lightning_maxup.data.multiview import MultiView
 from lightning_maxup.training.schedule import MultiViewSchedule
-from tests.test_multiview import Indexed, LitMaxUp, LitMaxUpRecord, M, N, float_pipeline, reference_views, trainer
+from tests.data.test_multiview import Indexed, LitMaxUp, LitMaxUpRecord, M, N, float_pipeline, reference_views, trainer
 
 RESUMING = "ignore:Checkpoint directory .* exists and is not empty:UserWarning"
 STOPS_EARLY = "ignore:This fit never runs a MaxUp step:UserWarning"
@@ -365,7 +365,7 @@ def test_seed_mismatch_across_ranks_raises_as_documented() -> None:
 def snippet(page: str, name: str) -> str:
     import re
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "docs" / page).read_text(encoding="utf-8")
     found = re.search(rf"<!-- snippet: {name} -->\n```python\n(.*?)```", text, re.S)
     assert found is not None, f"docs/{page} lost its {name} snippet"
     return found[1]

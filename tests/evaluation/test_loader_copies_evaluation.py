@@ -25,7 +25,7 @@ from lightning_maxup.core.batch import Candidates
 from lightning_maxup.data.multiview import MultiView
 from lightning_maxup.evaluation.fidelity import SelectionFidelity
 from lightning_maxup.evaluation.worst_of_k import WorstOfKAccuracy, WorstOfKValidation, worst_of_k_correct_candidates
-from tests.test_multiview import Indexed, float_pipeline, pipeline, reference_views, trainer
+from tests.data.test_multiview import Indexed, float_pipeline, pipeline, reference_views, trainer
 
 K = 4
 FEW_WORKERS = "ignore:.*does not have many workers.*"

@@ -246,7 +246,7 @@ def test_metric_reduces_over_ranks_with_a_fake_dist_sync_fn():
             lambda: WorstOfKAccuracy("crop"), TypeError, r"`augment` to be callable, got 'crop'", id="augment"
         ),
         # augment=None is allowed since 0.4 (loader-made Candidates); a plain batch then raises at update():
-        # tests/test_loader_copies_evaluation.py::test_worst_of_k_refuses_mismatched_or_plain_batches
+        # tests/evaluation/test_loader_copies_evaluation.py::test_worst_of_k_refuses_mismatched_or_plain_batches
         pytest.param(
             lambda: WorstOfKAccuracy(identity, seed=1.5), TypeError, r"`seed` to be an integer, got 1.5", id="seed"
         ),

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy
 
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from ddp_common import CollectiveRecorder, LitDDP, SelectionModeSchedule, max_param_diff, read_ranks  # noqa: E402

@@ -580,7 +580,7 @@ def test_readme_lists_the_public_api() -> None:
 
     import lightning_maxup
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     block = re.search(r"<!-- public-api:start -->(.*?)<!-- public-api:end -->", text, re.S)
     assert block is not None, "README.md lost its public-API list"
     listed = set(re.findall(r"`(\w+)`", block.group(1)))

@@ -16,7 +16,7 @@ import torch
 
 from lightning_maxup._moved import MOVED
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lightning_maxup"
+PACKAGE = Path(__file__).resolve().parents[2] / "lightning_maxup"
 SHIM_MARK = "# relayout: shim"
 
 #: Bottom to top; a module may import from its own layer and the ones before it. Data sits below the Lightning
@@ -55,7 +55,7 @@ def layer_of(module: str) -> float:
         return LAYERS.index(parts[1])
     if len(parts) == 2 and parts[1].startswith("_"):
         return 0
-    raise AssertionError(f"{module} is in no layer: add its package to LAYERS in tests/test_layout.py")
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS in tests/guarantees/test_layout.py")
 
 
 def _layer_name(layer: float) -> str:

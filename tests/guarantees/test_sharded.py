@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_sharded.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_sharded.py"
 PHASES = ("twin", "fit", "resume")
 LAUNCH_TIMEOUT = 300  # seconds for the whole launch; each phase's own collectives time out after 60 s
 BATCHES = ((8, 8, 8, 6), (6, 8, 8, 8))  # as in the script

@@ -1,11 +1,11 @@
 """The whole-fit sync audit: what MaxUp adds, per training step, to the syncing ops of a complete ``Trainer.fit``.
 
-The no-sync tests of ``tests/test_no_syncs.py`` wrap ``maxup_step``; what Lightning does around it (logging, the
-progress bar, the batch transfer, the callbacks) is only seen in a whole fit. Here complete fits run under the
+The no-sync tests of ``tests/guarantees/test_no_syncs.py`` wrap ``maxup_step``; what Lightning does around it (logging,
+the progress bar, the batch transfer, the callbacks) is only seen in a whole fit. Here complete fits run under the
 :class:`~tests.sync_counter.SyncCounter`, with a logger, the progress bar off and on, a DataLoader with two worker
 processes, ``SelectionFidelity`` and ``WorstOfKValidation``, once with MaxUp and once for the same module trained
-without it (its ``training_step`` augments once and takes the mean loss). Each sync is attributed to the training
-step in whose window it ran (from one ``on_train_batch_start`` to the next).
+without it (its ``training_step`` augments once and takes the mean loss). Each sync is attributed to the training step
+in whose window it ran (from one ``on_train_batch_start`` to the next).
 
 What is compared, and what is not:
 
@@ -17,8 +17,8 @@ What is compared, and what is not:
 - **the steps the logger writes** (``log_every_n_steps``): Lightning reads every per-step logged value on the host
   there, one ``.item()`` each; MaxUp's per-step values add exactly one each, and none with
   ``maxup_log_steps = False``.
-- ``check_finite`` is off: on the CPU the guard reads its count at once (``tests/test_guarantees.py``); its
-  accelerator branch reads two steps later without waiting (``tests/test_device_guarantees.py``).
+- ``check_finite`` is off: on the CPU the guard reads its count at once (``tests/guarantees/test_guarantees.py``); its
+  accelerator branch reads two steps later without waiting (``tests/guarantees/test_device_guarantees.py``).
 """
 
 from __future__ import annotations

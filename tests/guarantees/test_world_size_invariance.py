@@ -23,7 +23,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from ddp_common import CollectiveRecorder, LitDDP, max_param_diff, read_ranks  # noqa: E402
 

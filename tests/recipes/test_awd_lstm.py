@@ -133,7 +133,7 @@ def test_the_lm_config_runs_through_the_cli_with_vocab_size_linked(tmp_path: Pat
 
     monkeypatch.setattr(pytorch_lightning.cli, "LightningCLI", Recording)
     monkeypatch.chdir(tmp_path)
-    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "lm_awd_lstm.yaml"
+    config = Path(__file__).resolve().parents[2] / "examples" / "configs" / "lm_awd_lstm.yaml"
     code = main(
         [
             "fit", "--config", str(config),
@@ -202,7 +202,7 @@ def test_benchmark_corpus_preparation_splits_files_and_caps_the_vocabulary(tmp_p
     import sys
 
     spec = importlib.util.spec_from_file_location(
-        "lm_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "language_model.py"
+        "lm_benchmark", Path(__file__).resolve().parents[2] / "benchmarks" / "language_model.py"
     )
     assert spec is not None
     assert spec.loader is not None

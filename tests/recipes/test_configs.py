@@ -20,7 +20,7 @@ from lightning_maxup import MaxUp
 from lightning_maxup.apps.cli import main
 from lightning_maxup.recipes.finetune import FreezeNormalization, normalization_layers
 
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 FAKE = ["--data.init_args.fake_data=true", "--data.init_args.num_workers=0"]
 
 
@@ -125,7 +125,7 @@ def test_recipe_runs_maxup_steps(run_fit: Any, name: str, overrides: list[str], 
 
 def test_every_config_is_tested() -> None:
     tested = {p.values[0] for p in RECIPES}
-    # lm_*.yaml read text files: tests/test_awd_lstm.py runs them on a tiny corpus the test writes.
+    # lm_*.yaml read text files: tests/recipes/test_awd_lstm.py runs them on a tiny corpus the test writes.
     owned = {p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("certify_", "lm_"))}
     assert owned <= tested, f"configs without a test: {sorted(owned - tested)}"
 

@@ -34,7 +34,7 @@ from lightning_maxup._moved import MOVED
 from lightning_maxup.apps.cli import main
 from lightning_maxup.augment import GaussianNoise
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 
 
@@ -341,7 +341,7 @@ def _fresh_process_checks(namespace: str, directory: str) -> None:
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_library_modules_follow_the_namespace(namespace, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != _lightning.ENV_VAR}
-    code = f"import tests.test_namespaces as t; t._fresh_process_checks({namespace!r}, {str(tmp_path)!r})"
+    code = f"import tests.training.test_namespaces as t; t._fresh_process_checks({namespace!r}, {str(tmp_path)!r})"
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )  # fmt: skip

@@ -18,7 +18,7 @@ from lightning_maxup import MaxUp, MaxUpMixin
 from lightning_maxup.augment import GaussianNoise
 from lightning_maxup.training.callback import SWITCH_STEPS, ramp_schedule
 from tests.sync_counter import SyncCounter
-from tests.test_lightning import Lit, _loader, _params, _trainer
+from tests.training.test_lightning import Lit, _loader, _params, _trainer
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*isinstance.*LeafSpec.*")
@@ -329,7 +329,7 @@ def test_benchmark_report_pairs_by_seed_with_t_intervals(monkeypatch):
 
     from scipy import stats
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     switch_on = importlib.import_module("switch_on")
     acc = {"m1": [0.6, 0.7, 0.8, 0.5], "maxup": [0.3, 0.75, 0.2, 0.45]}
     runs = {(v, s): switch_on.Run(v, s, val_acc=[0.1, a, a]) for v, values in acc.items() for s, a in enumerate(values)}

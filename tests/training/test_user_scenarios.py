@@ -220,7 +220,7 @@ import warnings
 warnings.filterwarnings("ignore")
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from tests.test_user_scenarios import Lit, _loader, _trainer_kwargs
+from tests.training.test_user_scenarios import Lit, _loader, _trainer_kwargs
 from lightning_maxup import MaxUp
 
 out = {out!r}
@@ -241,7 +241,7 @@ pl.Trainer(**_trainer_kwargs(enable_checkpointing=True, callbacks=[MaxUp(warmup_
 @pytest.mark.slow
 @pytest.mark.filterwarnings(RESUME_WARNING)
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(_CHILD.format(root=root, out=str(tmp_path), kill_at=8)))
     errors = tmp_path / "child.err"
