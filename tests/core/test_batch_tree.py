@@ -1,4 +1,4 @@
-"""Issue 9, item 6: which batch tensors are per-sample is explicit, and any batch tree works.
+"""Which batch tensors are per-sample is explicit, and any batch tree works.
 
 - A tensor wrapped in :class:`~lightning_maxup.core.batch.Shared` is never expanded, sliced, gathered, augmented or
   resized, even when it has ``B`` rows, and ``per_sample_loss`` receives the bare tensor.

@@ -1,4 +1,4 @@
-"""Issue 9, item 8: one validated, frozen options object, settable from YAML and documented as coded.
+"""One validated, frozen options object, settable from YAML and documented as coded.
 
 Every table below is checked against ``option_names()``, so an option added to :class:`MaxUpConfig` without a
 validation case, a YAML value or README documentation fails here.

@@ -1,4 +1,4 @@
-"""Issue 9, item 2: what each selection mode does with dropout.
+"""What each selection mode does with dropout.
 
 ``selection_mode="eval"`` scores the copies with dropout off; ``selection_mode="train"`` keeps dropout on, with
 masks of its own: the global generator is seeded, inside the selection pass, from a hash of its state as the step

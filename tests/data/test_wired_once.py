@@ -258,7 +258,7 @@ def test_maxup_callback_alone_on_two_ddp_spawn_ranks(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Resuming with the same dataset object (issue 20, item 7) and the deprecated schedule
+# Resuming with the same dataset object, and the deprecated schedule
 # ---------------------------------------------------------------------------------------------------------------
 class Pause(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

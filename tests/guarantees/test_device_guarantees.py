@@ -1,7 +1,6 @@
 """Guarantees where the device is: copies that do not block, deferred reads, selections that a non-finite loss
-cannot win, seeds of 64 bits, and what the user's code sees outside the step (issue "Guarantees where the device
-is"). The copies' flags are recorded with the ``meta`` device as the target, where a copy's flags are visible
-on a CPU-only machine."""
+cannot win, seeds of 64 bits, and what the user's code sees outside the step. The copies' flags are recorded with
+the ``meta`` device as the target, where a copy's flags are visible on a CPU-only machine."""
 
 from __future__ import annotations
 
@@ -63,7 +62,7 @@ def _trainer(tmp_path: Path | None = None, **kwargs: Any) -> pl.Trainer:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Item 1: loader-made batches reach the device as Lightning moves plain tensors
+# Loader-made batches reach the device as Lightning moves plain tensors
 # ----------------------------------------------------------------------------------------------------------------------
 def _moved(batch: Any, device: str) -> tuple[list[tuple[str, str, bool]], list[str], Any]:
     """The copies (source, target, non_blocking) and syncs of Lightning's own batch transfer of ``batch``."""
@@ -103,7 +102,7 @@ def test_an_explicit_non_blocking_flag_is_kept() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Item 3: a CPU generator with device data
+# A CPU generator with device data
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "draw",
@@ -127,7 +126,7 @@ def test_host_draws_reach_the_device_without_blocking(draw: Any, keyed: bool) ->
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Item 2: the progress bar
+# The progress bar
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bar", [False, True], ids=["bar-off", "bar-on"])
 def test_maxup_loss_joins_the_progress_bar_only_when_asked(bar: bool) -> None:
@@ -144,7 +143,7 @@ def test_maxup_loss_joins_the_progress_bar_only_when_asked(bar: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Item 5: SelectionFidelity scores candidates with `maxup_selecting` set
+# SelectionFidelity scores candidates with `maxup_selecting` set
 # ----------------------------------------------------------------------------------------------------------------------
 class Gated(Net):
     """Counts the rows ``per_sample_loss`` sees outside selection: the trained rows, the documented way."""
@@ -168,7 +167,7 @@ def test_selection_fidelity_scores_candidates_as_selection() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Item 6: seeds of 64 bits
+# Seeds of 64 bits
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [2**63 + 5, 2**64 - 1, 2**63 - 1, -(2**63), -3, 0])
 def test_a_seed_of_64_bits_survives_the_state_dict(seed: int) -> None:
@@ -200,7 +199,7 @@ def test_a_seed_outside_torchs_range_is_refused() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Item 8: a non-finite candidate never wins silently
+# A non-finite candidate never wins silently
 # ----------------------------------------------------------------------------------------------------------------------
 def test_a_nan_candidate_never_wins_the_selection() -> None:
     torch.manual_seed(0)
@@ -325,7 +324,7 @@ def test_no_checkpoint_is_written_after_a_step_with_non_finite_losses(tmp_path: 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Item 10a: the plain function's train-mode selection draws dropout masks of its own
+# The plain function's train-mode selection draws dropout masks of its own
 # ----------------------------------------------------------------------------------------------------------------------
 def _masks_of_one_step(seed: int) -> tuple[Tensor, Tensor]:
     torch.manual_seed(seed)
@@ -361,7 +360,7 @@ def test_plain_train_mode_selection_draws_masks_of_its_own_and_replays() -> None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Item 10b: WorstOfKAccuracy refuses targets that are not [B]
+# WorstOfKAccuracy refuses targets that are not [B]
 # ----------------------------------------------------------------------------------------------------------------------
 def test_worst_of_k_refuses_column_targets_by_name() -> None:
     net = nn.Linear(4, 3)
@@ -374,7 +373,7 @@ def test_worst_of_k_refuses_column_targets_by_name() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Item 9: FSDP2 recognition across torch versions
+# FSDP2 recognition across torch versions
 # ----------------------------------------------------------------------------------------------------------------------
 class _FakeFSDPParam:
     def __init__(self, name: str) -> None:

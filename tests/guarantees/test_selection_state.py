@@ -1,4 +1,4 @@
-"""Issue 9, item 1: the selection pass leaves the model exactly as it was, whatever its layers.
+"""The selection pass leaves the model exactly as it was, whatever its layers.
 
 Twin test: models A and B are built identically; A runs a whole MaxUp step (selection pass, then the gradient
 forward on the worst copies), B runs only the gradient forward on the same worst copies (``out.batch``) from the

@@ -1,4 +1,4 @@
-"""Issue 9, item 5: the logged diagnostics mean what their names say.
+"""The logged diagnostics mean what their names say.
 
 - ``maxup/loss`` is the trained loss (the gradient pass);
 - ``maxup/worst_loss`` and ``maxup/mean_loss`` both come from the selection pass, so ``worst >= mean`` on every

@@ -1,4 +1,4 @@
-"""The MaxUp callback's switch-on options: the ramp, clean BatchNorm statistics and the switch-on warning (issue 21)."""
+"""The MaxUp callback's switch-on options: the ramp, clean BatchNorm statistics and the switch-on warning."""
 
 from __future__ import annotations
 
