@@ -13,7 +13,8 @@ On a CPU nothing waits, so a CPU test cannot time a sync; it can see the ops tha
   CPU without ``non_blocking=True``. On CUDA a blocking copy waits for the whole stream. Tests use the ``meta``
   device as the target, where the copy's flags are recorded like anywhere else (``SyncCounter.copies``).
 
-torchmetrics keeps ``update()`` free of these; ``tests/test_no_syncs.py`` holds the MaxUp step to the same rule.
+torchmetrics keeps ``update()`` free of these; ``tests/guarantees/test_no_syncs.py`` holds the MaxUp step to the same
+rule.
 """
 
 from __future__ import annotations

@@ -294,7 +294,7 @@ class RandAugment(Augmentation):
     ShearY, TranslateX, TranslateY, Rotate, Brightness, Color, Contrast, Sharpness, Posterize, Solarize,
     AutoContrast, Equalize), with replacement; a signed op is negated with probability 1/2. The magnitude scale
     and every op follow torchvision's ``transforms.v2.RandAugment`` on float images, so for the same draw the
-    output equals torchvision's, row by row (up to float rounding; see ``tests/test_randaugment.py``). Unlike
+    output equals torchvision's, row by row (up to float rounding; see ``tests/augment/test_randaugment.py``). Unlike
     torchvision's transform, which makes one draw per call, and kornia's, which draws the ops once per batch,
     the draw here is per row, as MaxUp's ``m`` copies of a sample need, and the batch is processed without a
     loop over rows.
@@ -318,8 +318,8 @@ class RandAugment(Augmentation):
             result; no sync, but about 14 times the arithmetic. ``"auto"`` (default): ``"sorted"`` on the CPU,
             where reading the sizes waits for no device queue, ``"masked"`` on accelerators, where a sync would
             stall the queue and the extra arithmetic is cheap on small images. Both give the same output (to
-            float rounding; ``tests/test_randaugment.py`` compares them row by row). Measured on the CPU at 32 px,
-            512 rows: see ``docs/augmentations.md``.
+            float rounding; ``tests/augment/test_randaugment.py`` compares them row by row). Measured on the CPU
+            at 32 px, 512 rows: see ``docs/augmentations.md``.
 
     Example:
         >>> import torch

@@ -1,4 +1,5 @@
-"""One rank of ``tests/test_sharded.py``: MaxUp on a model sharded with FSDP2 (``fully_shard``), 2 CPU ranks, gloo.
+"""One rank of ``tests/guarantees/test_sharded.py``: MaxUp on a model sharded with FSDP2 (``fully_shard``), 2 CPU
+ranks, gloo.
 
 The test starts this script once per rank with a torchrun-style environment (``MASTER_ADDR``, ``MASTER_PORT``,
 ``WORLD_SIZE``, ``NODE_RANK``, ``LOCAL_RANK``), so Lightning launches nothing itself. The phases run in order and
