@@ -42,10 +42,9 @@ from lightning_maxup.augment import (
 from lightning_maxup.augment.randaugment import OPS, RandAugment
 from lightning_maxup.callbacks.monitor import Drawn, RecordingAugment, drawn_features
 from lightning_maxup.core.functional import gradient_norm_estimate
+from tests.trainer_options import quiet_trainer_options
 
-from .trainer_options import quiet_trainer_options
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N = 12
 
 
