@@ -39,8 +39,8 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_maxup import MaxUp
-from lightning_maxup.apps.study import paired_interval
 from lightning_maxup.callbacks.timing import EpochTimer
+from lightning_maxup.evaluation.paired import paired_interval
 from lightning_maxup.recipes.models.awd_lstm import AWDLSTMLanguageModel
 from lightning_maxup.recipes.textdata import UNK, WordLanguageData
 

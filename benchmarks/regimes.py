@@ -2,11 +2,11 @@
 
 Every cell trains a SmallCNN (width 8) on 200 of the 1,257 training digits (20 per class) for 40 epochs, batch 64,
 with a plain PyTorch loop around :func:`lightning_maxup.core.functional.maxup_step` (the step the Lightning mixin
-calls; no Trainer, whose per-run start-up would cost more than a run here), via
-:func:`lightning_maxup.apps.demo.train_regime`, which the demo uses too. MaxUp cells warm up with 5 epochs of ordinary
-augmentation. The gain of a cell is MaxUp minus ordinary augmentation (``m = 1``, same augmentation and
-optimiser) at the same seed, so with the same initial weights, batch order and warm-up draws: a paired
-difference, reported as its mean and 95 % Student-t interval over seeds (:func:`lightning_maxup.apps.study.
+calls; no Trainer, whose per-run start-up would cost more than a run here), via the library's
+:func:`lightning_maxup.recipes.regimes.train_regime`, which the demo uses too. MaxUp cells warm up with 5 epochs
+of ordinary augmentation. The gain of a cell is MaxUp minus ordinary augmentation (``m = 1``, same augmentation
+and optimiser) at the same seed, so with the same initial weights, batch order and warm-up draws: a paired
+difference, reported as its mean and 95 % Student-t interval over seeds (:func:`lightning_maxup.evaluation.paired.
 paired_difference`, the statistics ``lightning-maxup study`` reports).
 
 Three stages, so that every choice is made on the validation split and the test split is read once:
@@ -53,7 +53,9 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, replace_between_markers, write_json  # noqa: E402
 
-from lightning_maxup.apps.demo import (  # noqa: E402
+from lightning_maxup.data.datasets import load_digits_split  # noqa: E402
+from lightning_maxup.evaluation.paired import PairedDifference, paired_difference  # noqa: E402  (one place for them)
+from lightning_maxup.recipes.regimes import (  # noqa: E402
     AUGMENTS,
     OPTIMIZERS,
     AugmentName,
@@ -66,8 +68,6 @@ from lightning_maxup.apps.demo import (  # noqa: E402
     train_regime,
     worst_of_k,
 )
-from lightning_maxup.apps.study import PairedDifference, paired_difference  # noqa: E402  (one place for the statistics)
-from lightning_maxup.data.datasets import load_digits_split  # noqa: E402
 
 Split = tuple[Tensor, Tensor]
 #: The confirmation stage's seeds start here, apart from the screen's (0, 1, ...).

@@ -47,9 +47,9 @@ from _common import markdown_table  # noqa: E402
 
 from lightning_maxup import MaxUp, MaxUpMixin  # noqa: E402
 from lightning_maxup._lightning import pl  # noqa: E402
-from lightning_maxup.apps.demo import _quiet_lightning, set_threads  # noqa: E402
 from lightning_maxup.augment import RandomCrop  # noqa: E402
 from lightning_maxup.data.datasets import load_digits_split  # noqa: E402
+from lightning_maxup.recipes.regimes import quiet_lightning, set_threads  # noqa: E402
 
 SIDE = 32
 #: Callback options and learning rate of each variant (``None`` lr: ``--lr``; ``m`` 1 is the baseline).
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     data = ((upsample(xtr), ytr), (upsample(xva), yva))
     runs = _finished(args)
     start = time.perf_counter()
-    with _quiet_lightning():
+    with quiet_lightning():
         for seed in seeds:
             for v in variants:
                 if (v, seed) in runs:

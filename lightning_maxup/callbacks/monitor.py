@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_maxup._extras import require
 from lightning_maxup._lightning import Callback
 from lightning_maxup._validation import positive_int
 from lightning_maxup.augment import Augmentation, Compose, DescribedAugmentation
@@ -310,8 +311,8 @@ def candidate_grid(
 
 
 def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "SelectionMonitor's figures", "plots").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "SelectionMonitor's figures", "plots").Figure
 
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
@@ -532,7 +533,7 @@ class _PngSink(_Sink):
         self.directory = directory
 
     def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
-        from matplotlib import image
+        image = require("matplotlib.image", "SelectionMonitor's figures", "plots")
 
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", tag.split("/")[-1])
         path = self.directory / (f"{name}.png" if step < 0 else f"{name}_step{step:07d}.png")

@@ -21,10 +21,9 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import beta as _beta
-from scipy.stats import binomtest
 from torch import Tensor, nn
 
+from lightning_maxup._extras import require
 from lightning_maxup.core import random as lr
 from lightning_maxup.core.random import KeyedGenerator
 
@@ -133,8 +132,9 @@ def clopper_pearson_lower(k: Tensor | int, n: Tensor | int, alpha: float) -> Ten
     n_np = np.asarray(n.detach().cpu() if isinstance(n, Tensor) else n, dtype=np.float64)
     if np.any(k_np < 0) or np.any(k_np > n_np):
         raise ValueError(f"Expected 0 <= `k` <= `n`, got k={k_np.tolist()} and n={n_np.tolist()}")
+    beta = require("scipy.stats", "clopper_pearson_lower", "certify").beta
     with np.errstate(invalid="ignore", divide="ignore"):
-        p = _beta.ppf(alpha, k_np, n_np - k_np + 1)
+        p = beta.ppf(alpha, k_np, n_np - k_np + 1)
     p = np.where(k_np == 0, 0.0, p)
     return torch.as_tensor(np.asarray(p, dtype=np.float64), device=device)
 
@@ -192,6 +192,7 @@ def predict_from_counts(counts: Tensor, alpha: float = DEFAULT_ALPHA) -> Tensor:
     if counts.dim() != 2:
         raise ValueError(f"Expected `counts` of shape [B, num_classes], got shape {tuple(counts.shape)}")
     top, n_top, n_second = _top_two(counts)
+    binomtest = require("scipy.stats", "predict_from_counts", "certify").binomtest
     # One exact test per input on two integers; the expensive part (the model) is already batched.
     p_values = [
         binomtest(int(a), int(a) + int(b), p=0.5).pvalue for a, b in zip(n_top.tolist(), n_second.tolist(), strict=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_maxup._extras import require
 from lightning_maxup.certify.functional import ABSTAIN
 
 __all__ = [
@@ -345,8 +346,7 @@ def plot_certified_accuracy(
         >>> plot_certified_accuracy({"σ = 0.25": c}, os.path.join(tempfile.mkdtemp(), "c.png")).suffix
         '.png'
     """
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot_certified_accuracy", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -26,6 +26,7 @@ from torch.utils.data import (
     TensorDataset,  # noqa: F401 (doctests)
 )
 
+from lightning_maxup._extras import require
 from lightning_maxup._lightning import pl
 
 __all__ = [
@@ -358,8 +359,8 @@ def load_digits_split(
         >>> xtr.shape[1:], len(xtr) + len(xva) + len(xte)
         (torch.Size([1, 8, 8]), 1797)
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    load_digits = require("sklearn.datasets", "load_digits_split", "demo").load_digits
+    train_test_split = require("sklearn.model_selection", "load_digits_split", "demo").train_test_split
 
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 < value < 1:

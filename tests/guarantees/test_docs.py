@@ -161,3 +161,9 @@ def test_getting_started_installs_as_the_readme_does() -> None:
     cpu = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
     assert cpu in readme, "the README lost the CPU-only torch command"
     assert cpu in index, "docs/index.md lost the CPU-only torch command"
+    # The demo's packages (scikit-learn, SciPy, matplotlib) are the `demo` extra: its command installs it.
+    demo = 'pip install -e ".[demo]" && lightning-maxup demo'
+    for name, lines in (("README.md", readme), ("docs/index.md", index)):
+        runs = [line for line in lines if "lightning-maxup demo" in line]
+        assert runs, f"{name} lost the demo command"
+        assert all(demo in line for line in runs), f"{name} runs the demo without installing its extra: {runs}"

@@ -108,9 +108,6 @@ def test_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
     assert all(layer > LAYERS.index("core") for layer in layers)
 
 
-@pytest.mark.xfail(
-    reason="benchmarks/regimes.py imports its study harness from the demo (issue 19 moves it)", strict=False
-)
 def test_benchmarks_import_no_app() -> None:
     apps = []
     for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
