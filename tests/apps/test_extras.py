@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OPTIONAL = ("sklearn", "scipy", "matplotlib")
 # The design card's packages come first, as they are: torchmetrics imports matplotlib when it is installed (in the base
 # install it is not, and torchmetrics goes without). Then every optional module is dropped and made unimportable.
