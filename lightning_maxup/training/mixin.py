@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast, overload
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_maxup._lightning import rank_zero_warn
 from lightning_maxup.augment.image import GaussianNoise
@@ -32,6 +32,12 @@ from lightning_maxup.core.functional import (
 from lightning_maxup.core.random import Generator, KeyedGenerator, mix_seed, resolve_seed
 from lightning_maxup.training._deferred import FiniteGuard, StepClock
 from lightning_maxup.training._epoch_checks import EpochChecks
+from lightning_maxup.training._stream_state import (
+    CHILD,
+    StreamState,
+    legacy_checkpoint_state,
+    migrate_state_dict,
+)
 
 __all__ = ["MaxUpMixin", "require_maxup_module"]
 
@@ -100,10 +106,11 @@ class MaxUpMixin:
     (:meth:`maxup_sample_index`), which makes the run independent of the world size for a fixed global batch, and
     gives an index that appears twice (samplers with replacement, repeated augmentation) draws of its own.
 
-    **State that survives your hooks.** The seed and step count are part of the module's ``state_dict`` (through
-    ``get_extra_state``), and everything else happens inside :meth:`maxup_step`, so overriding
-    ``on_fit_start``, ``on_train_batch_start``, ``on_save_checkpoint`` or ``on_load_checkpoint`` without
-    ``super()`` loses nothing: a resumed run continues the augmentation stream exactly.
+    **State that survives your hooks.** The seed and step count are the extra state of a child module the mixin
+    owns (``state_dict`` key ``_maxup_state._extra_state``), and everything else happens inside
+    :meth:`maxup_step`, so defining your own ``get_extra_state``/``set_extra_state`` or ``__getstate__``, or
+    overriding ``on_fit_start``, ``on_train_batch_start``, ``on_save_checkpoint`` or ``on_load_checkpoint``
+    without ``super()``, loses nothing: a resumed run continues the augmentation stream exactly.
 
     **Collectives.** With more than one rank and ``chunk_size`` set, the ranks agree at the first step of a fit
     on the largest batch any of them holds (one all-reduce) and every rank then makes
@@ -183,8 +190,9 @@ class MaxUpMixin:
         self.maxup_log_steps = True
         #: True while the selection pass or the pre-flight check runs ``per_sample_loss`` on candidate rows.
         self.maxup_selecting = False
-        self._maxup_draws = 0
-        self._maxup_agreed_rows = 0
+        #: The augmentation stream (seed, step count, agreed rows), saved as a child's extra state
+        #: (``_maxup_state._extra_state``), so no override of the user's own hooks can drop it.
+        self._maxup_state = StreamState(self)
         self._maxup_prepared_for: tuple[Any] | None = None  # (weak reference to the Trainer or None,) once prepared
         self._maxup_warned: set[str] = set()
         self._maxup_generator: torch.Generator | None = None
@@ -193,8 +201,24 @@ class MaxUpMixin:
         self._maxup_epoch_checks = EpochChecks()
         self._maxup_cached_config: tuple[MaxUpConfig, int, MaxUpConfig] | None = None
         register = getattr(self, "register_load_state_dict_pre_hook", None)
-        if callable(register):  # a checkpoint from before the state moved into the state_dict loads too
-            register(_fill_missing_extra_state)
+        if callable(register):  # checkpoints of 0.3 (the stream at the module's root) and before load too
+            register(migrate_state_dict)
+
+    @property
+    def _maxup_draws(self) -> int:
+        return cast(int, self._maxup_state.draws)
+
+    @_maxup_draws.setter
+    def _maxup_draws(self, value: int) -> None:
+        self._maxup_state.draws = value
+
+    @property
+    def _maxup_agreed_rows(self) -> int:
+        return cast(int, self._maxup_state.agreed_rows)
+
+    @_maxup_agreed_rows.setter
+    def _maxup_agreed_rows(self, value: int) -> None:
+        self._maxup_state.agreed_rows = value
 
     # ---------------------------------------------------------------------------------------------------------------
     # What the user implements
@@ -547,46 +571,8 @@ class MaxUpMixin:
         return self.maxup_step(batch).loss
 
     # ---------------------------------------------------------------------------------------------------------------
-    # State: part of the module's state_dict, so it does not depend on hooks calling super()
+    # State: the stream lives in the child ``_maxup_state`` (see training/_stream_state.py)
     # ---------------------------------------------------------------------------------------------------------------
-    def get_extra_state(self) -> Tensor:
-        """The augmentation stream's seed and position and the agreed selection rows, saved in ``state_dict``.
-
-        One int64 CPU tensor ``[version, seed kind, seed, draws, agreed rows]``, so every ``state_dict`` value stays
-        a tensor (code that clones a state dict, and distributed checkpoints, handle it like any other). The seed
-        kind is 0 for a seed still ``None``, 1 for a seed stored as it is, 2 for a seed of 64 bits (``>= 2**63``,
-        as ``torch.initial_seed()`` may return) stored as its two's complement. Saving does not resolve a seed
-        that is still ``None``: ``seed_everything`` after a ``state_dict()`` call still decides it.
-
-        Taking the state also reads the non-finite counts still in flight (accelerators), so a checkpoint is not
-        written after a step whose losses were not finite.
-        """
-        self._maxup_finite.flush()
-        seed = self.maxup_config.seed
-        kind = 0 if seed is None else 2 if seed >= 1 << 63 else 1
-        stored = 0 if seed is None else seed - (1 << 64) if kind == 2 else seed
-        values = [_STATE_VERSION, kind, stored, self._maxup_draws, self._maxup_agreed_rows]
-        return torch.tensor(values, dtype=torch.int64)
-
-    def set_extra_state(self, state: Any) -> None:
-        """Restore what :meth:`get_extra_state` saved; ``None`` (a checkpoint from before 0.3) restores nothing."""
-        if isinstance(state, Tensor):
-            values = [int(v) for v in state.tolist()] if state.dim() == 1 else []
-            if len(values) != 5 or values[0] != _STATE_VERSION:
-                raise ValueError(
-                    f"Expected the MaxUp `_extra_state` to be [version {_STATE_VERSION}, seed kind, seed, draws, rows],"
-                    f" got {values or list(state.shape)}; was the checkpoint written by a newer lightning_maxup?"
-                )
-            _, kind, seed, draws, rows = values
-            seed = seed & ((1 << 64) - 1) if kind == 2 else seed
-            state = {"seed": seed if kind else None, "draws": draws, "agreed_rows": rows}
-        if not isinstance(state, dict):
-            return
-        if state.get("seed") is not None:
-            self.maxup_config = self.maxup_config.replace(seed=int(state["seed"]))
-        self._maxup_draws = int(state.get("draws") or 0)
-        self._maxup_agreed_rows = int(state.get("agreed_rows") or state.get("nominal_rows") or 0)
-
     def __getstate__(self) -> dict[str, Any]:
         """Pickle (``torch.save(module)``, ``ddp_spawn``, ``deepcopy``) without per-fit runtime state.
 
@@ -604,6 +590,18 @@ class MaxUpMixin:
         )
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle; a module pickled by 0.3 (its stream in plain attributes) gets its child ``_maxup_state``."""
+        draws, rows = state.pop("_maxup_draws", 0), state.pop("_maxup_agreed_rows", 0)
+        parent = getattr(super(), "__setstate__", None)
+        if parent is not None:
+            parent(state)
+        else:
+            self.__dict__.update(state)
+        if CHILD not in getattr(self, "_modules", self.__dict__):
+            self._maxup_state = StreamState(self)
+            self._maxup_state.draws, self._maxup_state.agreed_rows = int(draws), int(rows)
+
     def on_train_end(self) -> None:
         """Read the checks still in flight: non-finite counts (accelerators only) and the last epoch's checks."""
         self._maxup_finite.flush()
@@ -614,24 +612,13 @@ class MaxUpMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Read the stream of a checkpoint written before 0.3 (``checkpoint["lightning_maxup"]``)."""
-        legacy = checkpoint.get(_LEGACY_CHECKPOINT_KEY)
-        state_dict = checkpoint.get("state_dict")
-        if isinstance(legacy, dict) and isinstance(state_dict, dict):
-            state_dict.setdefault(_EXTRA_STATE_KEY, legacy)
+        legacy_checkpoint_state(checkpoint)
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
 
 
 _DROPOUT_STREAM = 0x5E1EC7
-_STATE_VERSION = 2
-_LEGACY_CHECKPOINT_KEY = "lightning_maxup"
-_EXTRA_STATE_KEY = "_extra_state"
-
-
-def _fill_missing_extra_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """A ``state_dict`` from before 0.3 has no ``_extra_state``: load it as "nothing to restore"."""
-    state_dict.setdefault(prefix + _EXTRA_STATE_KEY, None)
 
 
 def _last_step_of_run(trainer: Any) -> bool:
