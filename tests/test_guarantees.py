@@ -24,7 +24,8 @@ from lightning_maxup.certify import SmoothAdvClassifier
 from lightning_maxup.core.batch import Candidates, expand_copies
 from lightning_maxup.core.config import option_names
 from lightning_maxup.core.functional import check_per_sample, maxup_step
-from lightning_maxup.training.mixin import _Option, _repeat_counts
+from lightning_maxup.training._options import _Option
+from lightning_maxup.training._stream_state import repeat_counts as _repeat_counts
 from tests.trainer_options import quiet_trainer_options
 
 

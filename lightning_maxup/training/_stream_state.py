@@ -23,10 +23,12 @@ from lightning_maxup.core.random import KeyedGenerator
 __all__ = [
     "STATE_KEY",
     "StreamState",
+    "add_child",
     "keyed_generator",
     "legacy_checkpoint_state",
     "migrate_state_dict",
     "repeat_counts",
+    "stream_attribute",
 ]
 
 _STATE_VERSION = 2
@@ -95,6 +97,20 @@ class StreamState(nn.Module):
         self.agreed_rows = int(state.get("agreed_rows") or state.get("nominal_rows") or 0)
 
 
+def stream_attribute(name: str) -> Any:
+    """A property of the owner reading and writing ``name`` of its child ``_maxup_state``."""
+    return property(
+        lambda module: getattr(module._maxup_state, name), lambda module, v: setattr(module._maxup_state, name, v)
+    )
+
+
+def add_child(module: Any, draws: int = 0, agreed_rows: int = 0) -> None:
+    """Give ``module`` its child ``_maxup_state`` unless it has one (a module unpickled from 0.3 has not)."""
+    if CHILD not in getattr(module, "_modules", module.__dict__):
+        setattr(module, CHILD, StreamState(module))
+        module._maxup_draws, module._maxup_agreed_rows = int(draws), int(agreed_rows)
+
+
 def _decode(state: Tensor) -> dict[str, Any]:
     values = [int(v) for v in state.tolist()] if state.dim() == 1 else []
     if len(values) != 5 or values[0] != _STATE_VERSION:
@@ -142,7 +158,15 @@ _fill_missing_extra_state = migrate_state_dict  # the name modules pickled by 0.
 
 
 def keyed_generator(module: Any, batch: Any, m: int, device: torch.device) -> KeyedGenerator:
-    """The per-row stream of ``randomness="sample"`` (see ``MaxUpMixin.maxup_keyed_generator``)."""
+    """The per-row stream of ``randomness="sample"`` (``MaxUpMixin.maxup_keyed_generator``).
+
+    Row ``k * B + i`` of the copy-major expanded batch is copy ``k`` of sample ``i`` and is keyed
+    ``(epoch, step, sample index, occurrence, k)``, where ``occurrence`` counts earlier rows of the *global* batch
+    (lower ranks first, then this rank's earlier rows) with the same index, so a repeated index draws copies of its
+    own wherever its repeats are. With more than one rank this is one all-gather of the ``B`` indices per step (no
+    host sync); rows beyond the largest first batch of any rank (agreed at the first step) are compared with this
+    rank's rows only.
+    """
     index = torch.as_tensor(module.maxup_sample_index(batch)).to(device=device, dtype=torch.int64)
     b = batch_size(batch)
     if index.dim() != 1 or index.shape[0] != b:
