@@ -268,9 +268,10 @@ def test_every_option_is_an_explicit_typed_property() -> None:
         assert isinstance(attr, _Option), f"maxup_{name} must be written out in the class body"
         assert attr.name == name
     model = Net(m=2)
-    model.maxup_m = 5
+    with pytest.warns(DeprecationWarning, match=r"maxup_config.replace\(m=\.\.\.\)"):
+        model.maxup_m = 5
     assert model.maxup_config.m == 5
-    with pytest.raises(ValueError, match="`m`.*0"):
+    with pytest.warns(DeprecationWarning, match="maxup_m"), pytest.raises(ValueError, match="`m`.*0"):
         model.maxup_m = 0
 
 

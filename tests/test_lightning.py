@@ -305,7 +305,7 @@ def test_checkpoint_holds_the_augmentation_stream(tmp_path):
 class NoAugment(Lit):
     def __init__(self) -> None:
         super().__init__(m=2)
-        self.maxup_augment = None
+        self.maxup_config = self.maxup_config.replace(augment=None)
 
 
 def test_maxup_without_augmentation_warns_once():

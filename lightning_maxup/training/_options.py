@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Generic, TypeVar, cast, overload
 
 __all__ = ["_Option"]
@@ -10,11 +11,15 @@ T = TypeVar("T")
 
 
 class _Option(Generic[T]):
-    """``self.maxup_<name>``: reads ``maxup_config.<name>``; setting it validates and replaces the config."""
+    """``self.maxup_<name>``: reads ``maxup_config.<name>``.
+
+    Setting it is deprecated (one way to set each option): it warns, then validates and replaces the config, as
+    ``self.maxup_config = self.maxup_config.replace(<name>=...)`` does.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.__doc__ = f"``maxup_config.{name}``; setting it validates and replaces the config."
+        self.__doc__ = f"``maxup_config.{name}`` (set it through ``maxup_config``)."
 
     @overload
     def __get__(self, obj: None, owner: type) -> _Option[T]: ...
@@ -28,4 +33,10 @@ class _Option(Generic[T]):
         return cast(T, getattr(obj.maxup_config, self.name))
 
     def __set__(self, obj: Any, value: T) -> None:
+        warnings.warn(
+            f"Setting `maxup_{self.name}` is deprecated; set"
+            f" `module.maxup_config = module.maxup_config.replace({self.name}=...)` instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         obj.maxup_config = obj.maxup_config.replace(**{self.name: value})
