@@ -154,7 +154,7 @@ def fit(variant: str, seed: int, args: argparse.Namespace, data: Any) -> Run:
     run = Run(variant, seed)
     pl.seed_everything(seed, verbose=False)
     module = Lit(lr=lr, m=m)
-    module.maxup_seed = seed
+    module.maxup_config = module.maxup_config.replace(seed=seed)
     loader = DataLoader(
         TensorDataset(xtr, ytr), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )

@@ -89,7 +89,7 @@ class _Snapshots(pl.Callback):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         state = pl_module.state_dict()
-        self.states.append({k: v.detach().clone() for k, v in state.items() if k != "_extra_state"})
+        self.states.append({k: v.detach().clone() for k, v in state.items() if not k.endswith("_extra_state")})
         self.m.append(pl_module.maxup_active_m)
 
 

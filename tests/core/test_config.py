@@ -127,12 +127,16 @@ def test_config_is_frozen_and_replace_copies() -> None:
     assert cfg.m == 2
 
 
-def test_mixin_attributes_validate_and_replace_the_config() -> None:
+def test_mixin_attributes_read_the_config_and_setting_one_is_deprecated() -> None:
     model = _Lit(maxup=MaxUpConfig(m=2), chunk_size=8)
     assert (model.maxup_m, model.maxup_chunk_size) == (2, 8)
-    model.maxup_selection_mode = "train"
+    with pytest.warns(DeprecationWarning, match=r"maxup_selection_mode.*maxup_config.replace\(selection_mode=\.\.\.\)"):
+        model.maxup_selection_mode = "train"
     assert model.maxup_config.selection_mode == "train"
-    with pytest.raises(ValueError, match=r"Expected `m` to be a positive integer, got 0"):
+    with (
+        pytest.warns(DeprecationWarning, match="maxup_m"),
+        pytest.raises(ValueError, match=r"Expected `m` to be a positive integer, got 0"),
+    ):
         model.maxup_m = 0
     assert model.maxup_config.m == 2
 

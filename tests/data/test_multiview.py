@@ -533,7 +533,7 @@ def test_candidates_with_an_augment_set_raise_at_the_first_batch() -> None:
     class WithAugment(LitMaxUp):
         def __init__(self) -> None:
             super().__init__()
-            self.maxup_augment = GaussianNoise(0.1)
+            self.maxup_config = self.maxup_config.replace(augment=GaussianNoise(0.1))
 
     ds = MultiView(Indexed(), float_pipeline, M, seed=0)
     with pytest.raises(ValueError, match=r"Candidates made by the loader, but `augment` is"):

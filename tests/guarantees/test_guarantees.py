@@ -24,7 +24,8 @@ from lightning_maxup.certify import SmoothAdvClassifier
 from lightning_maxup.core.batch import Candidates, expand_copies
 from lightning_maxup.core.config import option_names
 from lightning_maxup.core.functional import check_per_sample, maxup_step
-from lightning_maxup.training.mixin import _Option, _repeat_counts
+from lightning_maxup.training._options import _Option
+from lightning_maxup.training._stream_state import repeat_counts as _repeat_counts
 from tests.trainer_options import quiet_trainer_options
 
 
@@ -193,13 +194,72 @@ def test_resume_is_exact_when_hooks_do_not_call_super(tmp_path: Path) -> None:
 def test_checkpoint_from_before_0_3_restores_the_stream() -> None:
     model = Net(m=2)
     state = _params(model)
-    del state["_extra_state"]
+    del state["_maxup_state._extra_state"]
     checkpoint = {"state_dict": state, "lightning_maxup": {"seed": 9, "draws": 5, "nominal_rows": 8}}
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     assert (model.maxup_seed, model._maxup_draws, model._maxup_agreed_rows) == (9, 5, 8)
     bare = Net(m=2)
-    bare.load_state_dict({k: v for k, v in _params(model).items() if k != "_extra_state"})  # strict: no error
+    bare.load_state_dict(
+        {k: v for k, v in _params(model).items() if not k.endswith("_extra_state")}
+    )  # strict: no error
+
+
+class OwnExtraState(NoSuper):
+    """A module saving a non-tensor counter of its own through ``get_extra_state``/``set_extra_state``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.epochs_seen = 0
+
+    def on_train_epoch_end(self) -> None:
+        self.epochs_seen += 1
+
+    def get_extra_state(self) -> Any:
+        return {"epochs_seen": self.epochs_seen}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.epochs_seen = state["epochs_seen"]
+
+
+def test_resume_is_exact_when_the_module_defines_its_own_extra_state(tmp_path: Path) -> None:
+    full = OwnExtraState(m=3, seed=4)
+    _trainer(max_epochs=4, callbacks=[MaxUp(warmup_epochs=1)]).fit(full)
+
+    first = OwnExtraState(m=3, seed=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    _trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[MaxUp(warmup_epochs=1), ckpt]).fit(first)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]["_extra_state"] == {"epochs_seen": 2}
+    resumed = OwnExtraState(m=3)  # no seed: it must come from the checkpoint
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer = _trainer(tmp_path, max_epochs=4, enable_checkpointing=True, callbacks=[MaxUp(warmup_epochs=1), ckpt])
+    trainer.fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
+
+    assert resumed.epochs_seen == full.epochs_seen == 4, "the module's own extra state must come back"
+    assert first.seeds + resumed.seeds == full.seeds, "the augmentation stream must go on where it stopped"
+    after, expected = resumed.state_dict(), full.state_dict()
+    assert after.pop("_extra_state") == expected.pop("_extra_state")
+    assert after.keys() == expected.keys()
+    worst = max(float((after[k].float() - expected[k].float()).abs().max()) for k in expected)
+    assert worst == 0.0, f"resumed parameters differ by {worst}"
+
+
+def test_a_0_3_state_dict_and_pickle_load_into_the_child() -> None:
+    model = Net(m=2)
+    state = {k: v for k, v in _params(model).items() if not k.endswith("_extra_state")}
+    state["_extra_state"] = torch.tensor([2, 1, 9, 5, 8])  # 0.3: the stream at the module's root
+    model.load_state_dict(state)  # strict: the root key is taken, not unexpected
+    assert (model.maxup_seed, model._maxup_draws, model._maxup_agreed_rows) == (9, 5, 8)
+    assert "_extra_state" not in model.state_dict()
+    assert model.state_dict()["_maxup_state._extra_state"].tolist() == [2, 1, 9, 5, 8]
+
+    pickled = model.__getstate__()  # as 0.3 pickled it: the stream in plain attributes, no child
+    pickled["_modules"] = {k: v for k, v in pickled["_modules"].items() if k != "_maxup_state"}
+    pickled.update(_maxup_draws=6, _maxup_agreed_rows=4)
+    old = Net.__new__(Net)
+    old.__setstate__(pickled)
+    assert (old.maxup_seed, old._maxup_draws, old._maxup_agreed_rows) == (9, 6, 4)
+    assert old._maxup_state.owner is old
 
 
 def test_every_option_is_an_explicit_typed_property() -> None:
@@ -208,9 +268,10 @@ def test_every_option_is_an_explicit_typed_property() -> None:
         assert isinstance(attr, _Option), f"maxup_{name} must be written out in the class body"
         assert attr.name == name
     model = Net(m=2)
-    model.maxup_m = 5
+    with pytest.warns(DeprecationWarning, match=r"maxup_config.replace\(m=\.\.\.\)"):
+        model.maxup_m = 5
     assert model.maxup_config.m == 5
-    with pytest.raises(ValueError, match="`m`.*0"):
+    with pytest.warns(DeprecationWarning, match="maxup_m"), pytest.raises(ValueError, match="`m`.*0"):
         model.maxup_m = 0
 
 
@@ -608,9 +669,9 @@ def test_state_dict_before_seed_everything_leaves_the_seed_to_it() -> None:
 def test_extra_state_of_another_version_is_refused_by_name() -> None:
     model = Net(m=2)
     with pytest.raises(ValueError, match=r"MaxUp `_extra_state` to be \[version 2.*got \[99, 1, 5, 7, 8\]"):
-        model.set_extra_state(torch.tensor([99, 1, 5, 7, 8]))
+        model._maxup_state.set_extra_state(torch.tensor([99, 1, 5, 7, 8]))
     with pytest.raises(ValueError, match=r"MaxUp `_extra_state`.*got \[2, 5, 7, 8\]"):
-        model.set_extra_state(torch.tensor([2, 5, 7, 8]))
+        model._maxup_state.set_extra_state(torch.tensor([2, 5, 7, 8]))
 
 
 def test_an_exception_during_fit_restores_the_module_options() -> None:

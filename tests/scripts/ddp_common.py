@@ -238,7 +238,7 @@ class SelectionModeSchedule(Callback):
         self.modes = modes
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.maxup_selection_mode = self.modes[trainer.current_epoch]  # type: ignore[assignment]
+        pl_module.maxup_config = pl_module.maxup_config.replace(selection_mode=self.modes[trainer.current_epoch])
 
 
 @contextmanager

@@ -168,7 +168,7 @@ class SelectionModeSchedule(Callback):
     """The selection mode of each epoch (``MODES``), derived from the epoch so a resumed run gets it right."""
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.maxup_selection_mode = MODES[trainer.current_epoch]  # type: ignore[assignment]
+        pl_module.maxup_config = pl_module.maxup_config.replace(selection_mode=MODES[trainer.current_epoch])
 
 
 def select(net: nn.Module, candidates: tuple[Tensor, Tensor], cfg: MaxUpConfig, num_chunks: int) -> list[list[str]]:

@@ -298,14 +298,14 @@ def test_checkpoint_holds_the_augmentation_stream(tmp_path):
     trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=True)
     trainer.fit(model, _loader())
     ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
-    version, resolved, seed, draws, _ = ckpt["state_dict"]["_extra_state"].tolist()
+    version, resolved, seed, draws, _ = ckpt["state_dict"]["_maxup_state._extra_state"].tolist()
     assert (version, resolved, seed, draws) == (2, 1, 5, 6)
 
 
 class NoAugment(Lit):
     def __init__(self) -> None:
         super().__init__(m=2)
-        self.maxup_augment = None
+        self.maxup_config = self.maxup_config.replace(augment=None)
 
 
 def test_maxup_without_augmentation_warns_once():

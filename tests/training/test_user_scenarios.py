@@ -139,7 +139,7 @@ def test_lightning_pytorch_namespace_resumes_mid_warmup_exactly_and_loads_weight
     ckpt = _checkpointed_run(tmp_path, lightning_pytorch, LitL(), [MaxUp(warmup_epochs=2)], max_steps=9)
 
     raw = torch.load(ckpt, weights_only=True)  # the default in recent torch
-    extra = raw["state_dict"]["_extra_state"]
+    extra = raw["state_dict"]["_maxup_state._extra_state"]
     assert extra.dtype == torch.int64
     assert extra.tolist()[1:4] == [1, 1, 9]  # seed resolved, seed 1, nine draws made
 
@@ -168,7 +168,7 @@ def test_gradient_accumulation_advances_the_stream_per_micro_batch_and_resumes_e
 
     ckpt = _checkpointed_run(tmp_path, pl, Lit(), [MaxUp(warmup_epochs=1)], accumulate_grad_batches=2,
                              max_steps=stop)  # fmt: skip
-    assert torch.load(ckpt, weights_only=True)["state_dict"]["_extra_state"].tolist()[3] == 2 * stop
+    assert torch.load(ckpt, weights_only=True)["state_dict"]["_maxup_state._extra_state"].tolist()[3] == 2 * stop
 
     resumed = Lit()
     _trainer(accumulate_grad_batches=2, callbacks=[MaxUp(warmup_epochs=1)]).fit(resumed, _loader(), ckpt_path=ckpt)
@@ -188,7 +188,7 @@ def test_ema_weight_averaging_with_maxup_resumes_exactly_and_its_checkpoint_load
     raw = torch.load(ckpt, weights_only=True)
     # The averaged model's state_dict (with its own `_extra_state`) is the checkpoint's; the trained one rides along.
     assert raw["state_dict"].keys() == raw["current_model_state"].keys()
-    assert raw["current_model_state"]["_extra_state"].tolist()[3] == 9
+    assert raw["current_model_state"]["_maxup_state._extra_state"].tolist()[3] == 9
 
     resumed = Lit()
     _trainer(callbacks=[MaxUp(warmup_epochs=1), EMAWeightAveraging(decay=0.9)]).fit(resumed, _loader(), ckpt_path=ckpt)
