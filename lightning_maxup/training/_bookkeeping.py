@@ -231,9 +231,12 @@ def after_step(module: Any, out: MaxUpOutput, m: int) -> None:
     trainer = trainer_of(module)
     epoch = int(trainer.current_epoch) if trainer is not None else 0
     module._maxup_epoch_checks.step(epoch, out.candidate_losses.detach(), *_check_args(module))
-    if last_step_of_run(trainer):  # read at the epoch's end, not in the next epoch's first step
-        module._maxup_epoch_checks.close(*_check_args(module))
     module._maxup_clock.selection_done(out.selection_seconds)
+
+
+def close_epoch_checks(module: Any) -> None:
+    """Read the ended epoch's checks (the ``MaxUp`` callback calls it at each epoch's end, outside any step)."""
+    module._maxup_epoch_checks.close(*_check_args(module))
 
 
 def close_checks(module: Any) -> None:

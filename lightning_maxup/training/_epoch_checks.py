@@ -23,7 +23,7 @@ IDENTICAL_COPIES_MESSAGE = (
 
 
 class EpochChecks:
-    """Accumulate per-step flags on the device; read them at the epoch's last step (else the next epoch, the end)."""
+    """Accumulate per-step flags on the device; read at the epoch's end (the callback), the next epoch or the end."""
 
     def __init__(self) -> None:
         self._epoch: int | None = None

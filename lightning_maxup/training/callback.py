@@ -15,6 +15,7 @@ from lightning_maxup._lightning import Callback, rank_zero_info, rank_zero_warn
 from lightning_maxup._validation import non_negative_int, one_of, positive_float
 from lightning_maxup.core.batch import Candidates, slice_rows
 from lightning_maxup.core.config import MaxUpConfig
+from lightning_maxup.training._bookkeeping import close_epoch_checks
 from lightning_maxup.training._wiring import MultiViewWiring
 from lightning_maxup.training.mixin import MaxUpMixin, require_maxup_module
 
@@ -279,6 +280,9 @@ class MaxUp(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_switch(trainer)
+        # The module's per-epoch checks are read here, outside every step (a module's own hook may skip super();
+        # without this callback they are read at the next epoch's first step or at the end of training).
+        close_epoch_checks(require_maxup_module(pl_module, "MaxUp"))
 
     # ---------------------------------------------------------------------------------------------------------------
     # The switch: ramp, clean BatchNorm statistics, warning

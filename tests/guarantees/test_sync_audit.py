@@ -165,7 +165,9 @@ def test_maxup_adds_no_syncing_op_to_a_step_of_a_whole_fit(bar: bool, tmp_path: 
 def test_on_the_loggers_steps_each_maxup_step_value_is_read_once(tmp_path: Path) -> None:
     every = 3  # steps 2 and 8 are written (and 5 and 11, the epochs' last)
     logged = _audit(Net(), tmp_path / "maxup", bar=False, every=every, callbacks=[MaxUp(warmup_epochs=0)])
-    epochs_only = _audit(Net(log_steps=False), tmp_path / "epochs", bar=False, every=every, callbacks=[])
+    epochs_only = _audit(
+        Net(log_steps=False), tmp_path / "epochs", bar=False, every=every, callbacks=[MaxUp(warmup_epochs=0)]
+    )
     without = _audit(WithoutMaxUp(), tmp_path / "plain", bar=False, every=every, callbacks=[])
     steady = [k for k in range(len(without)) if _steady(k)]
     writes = [k for k in steady if (k + 1) % every == 0]
